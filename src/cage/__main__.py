@@ -1,0 +1,7 @@
+"""``python -m cage``."""
+
+import sys
+
+from cage.cli import main
+
+sys.exit(main())

@@ -1,0 +1,16 @@
+"""`cage import` (not built yet)."""
+
+from __future__ import annotations
+
+import argparse
+
+from cage.errors import UsageError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Configure the `import` command's arguments."""
+
+
+def run(args: argparse.Namespace) -> int:
+    """Not built yet."""
+    raise UsageError("`cage import` is not available yet")

@@ -1,0 +1,16 @@
+"""`cage mission` (not built yet)."""
+
+from __future__ import annotations
+
+import argparse
+
+from cage.errors import UsageError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Configure the `mission` command's arguments."""
+
+
+def run(args: argparse.Namespace) -> int:
+    """Not built yet."""
+    raise UsageError("`cage mission` is not available yet")

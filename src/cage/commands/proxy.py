@@ -1,0 +1,16 @@
+"""`cage proxy` (not built yet)."""
+
+from __future__ import annotations
+
+import argparse
+
+from cage.errors import UsageError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Configure the `proxy` command's arguments."""
+
+
+def run(args: argparse.Namespace) -> int:
+    """Not built yet."""
+    raise UsageError("`cage proxy` is not available yet")

@@ -1,0 +1,1 @@
+"""Transcript and log importers: each turns a source into ledger events."""
