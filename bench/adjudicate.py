@@ -1,0 +1,152 @@
+"""Adjudication overhead against the git floor, measured in the same run.
+
+The floor is the least git work a correct replay needs (DESIGN.md, "Performance budgets"):
+one `git diff --raw`, one read of every changed blob (one `cat-file --batch`), one detached
+worktree of base, switched to head and cleaned between the two runs of the verify command,
+then removed. Both sides run the same trivial verify command (fails at base, passes at head),
+in the system temporary directory, on the same file system.
+
+    python bench/adjudicate.py                  # N=20,000 files, K = 1, 100, 1,000
+    python bench/adjudicate.py --files 2000 --changes 1,100 --repeat 3
+
+Prints one line per K: floor and cage medians and their ratio (target: <= 1.25).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+POLICY = """\
+version: v1
+mission:
+  name: bench
+budget:
+  mission_hard_limit_usd: 5
+verification:
+  command: "test -f src/fixed"
+  evidence: exit-code
+  allow: ["src/**"]
+"""
+VERIFY = "test -f src/fixed"
+GIT_ENV = {
+    **os.environ,
+    "GIT_CONFIG_GLOBAL": os.devnull,
+    "GIT_CONFIG_NOSYSTEM": "1",
+    "GIT_AUTHOR_NAME": "bench",
+    "GIT_AUTHOR_EMAIL": "bench@example.invalid",
+    "GIT_COMMITTER_NAME": "bench",
+    "GIT_COMMITTER_EMAIL": "bench@example.invalid",
+}
+
+
+def git(repo: Path, *args: str, input: bytes | None = None) -> bytes:
+    return subprocess.run(
+        ["git", *args], cwd=repo, env=GIT_ENV, input=input, capture_output=True, check=True
+    ).stdout
+
+
+def build_repo(root: Path, files: int) -> tuple[Path, str]:
+    """A repository with `files` small Python files under src/, committed once (fast import)."""
+    repo = root / "repo"
+    repo.mkdir()
+    git(repo, "init", "-q", "-b", "main")
+    (repo / ".runcap").mkdir()
+    (repo / ".runcap" / "mission.yaml").write_text(POLICY)
+    per_dir = 200
+    for i in range(files):
+        d = repo / "src" / f"pkg{i // per_dir:03d}"
+        if i % per_dir == 0:
+            d.mkdir(parents=True)
+        (d / f"mod{i % per_dir:03d}.py").write_text(f"VALUE_{i} = {i}\n\n\ndef f{i}(x):\n    return x + {i}\n")
+    git(repo, "add", "-A")
+    git(repo, "commit", "-q", "-m", "base")
+    return repo, git(repo, "rev-parse", "HEAD").decode().strip()
+
+
+def make_head(repo: Path, base: str, changes: int) -> str:
+    """A head commit on its own branch changing `changes` files (one of them adds src/fixed)."""
+    git(repo, "checkout", "-q", "--detach", base)
+    listed = git(repo, "ls-files", "-z", "src").split(b"\0")
+    paths = [p.decode() for p in listed if p][: changes - 1]
+    for rel in paths:
+        with open(repo / rel, "a") as fh:
+            fh.write("# changed by the bench\n")
+    (repo / "src" / "fixed").write_text("fixed\n")
+    git(repo, "add", "-A")
+    git(repo, "commit", "-q", "-m", f"head with {changes} changes")
+    return git(repo, "rev-parse", "HEAD").decode().strip()
+
+
+def floor(repo: Path, base: str, head: str) -> float:
+    """The least git work a correct replay needs, with the same verify command runs."""
+    start = time.perf_counter()
+    raw = git(repo, "diff", "--raw", "-z", "--no-renames", "--abbrev=40", base, head)
+    fields = raw.split(b"\0")
+    shas = [f.split()[3] for f in fields[0::2] if f.startswith(b":")]
+    git(repo, "cat-file", "--batch", input=b"".join(s + b"\n" for s in shas))
+    wt = Path(tempfile.gettempdir()) / f"cage-bench-floor-{uuid.uuid4().hex}"
+    git(repo, "worktree", "add", "--detach", "--quiet", str(wt), base)
+    try:
+        base_rc = subprocess.run(["sh", "-c", VERIFY], cwd=wt, check=False).returncode
+        git(wt, "checkout", "--quiet", "--detach", "--force", head)
+        git(wt, "clean", "-ffdxq")
+        head_rc = subprocess.run(["sh", "-c", VERIFY], cwd=wt, check=False).returncode
+    finally:
+        git(repo, "worktree", "remove", "--force", str(wt))
+    assert base_rc != 0 and head_rc == 0, "verify command must fail at base and pass at head"
+    return time.perf_counter() - start
+
+
+def cage_run(repo: Path, base: str, head: str) -> float:
+    """Wall time of `cage ci --mode adjudicate`; the verdict must be PASS."""
+    start = time.perf_counter()
+    done = subprocess.run(
+        [sys.executable, "-m", "cage", "ci", "--mode", "adjudicate", "--base", base, "--head", head, "--json"],
+        cwd=repo,
+        env=GIT_ENV,
+        capture_output=True,
+        check=False,
+    )
+    elapsed = time.perf_counter() - start
+    if done.returncode != 0:
+        sys.exit(f"cage did not PASS (exit {done.returncode}):\n{done.stdout.decode()}\n{done.stderr.decode()}")
+    return elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--files", type=int, default=20_000)
+    parser.add_argument("--changes", default="1,100,1000", help="comma-separated K values")
+    parser.add_argument("--repeat", type=int, default=5)
+    args = parser.parse_args()
+    root = Path(tempfile.mkdtemp(prefix="cage-bench-"))
+    try:
+        t0 = time.perf_counter()
+        repo, base = build_repo(root, args.files)
+        print(f"repository: {args.files} files, built in {time.perf_counter() - t0:.1f}s")
+        worst = 0.0
+        for k in (int(x) for x in args.changes.split(",")):
+            head = make_head(repo, base, k)
+            floors, cages = [], []
+            for _ in range(args.repeat):  # interleaved, so drift hits both sides alike
+                floors.append(floor(repo, base, head))
+                cages.append(cage_run(repo, base, head))
+            f, c = statistics.median(floors), statistics.median(cages)
+            worst = max(worst, c / f)
+            print(f"K={k}: floor {f * 1000:.0f} ms, cage {c * 1000:.0f} ms, ratio {c / f:.2f}x (target <= 1.25x)")
+        print(f"worst ratio: {worst:.2f}x {'OK' if worst <= 1.25 else 'OVER BUDGET'}")
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
