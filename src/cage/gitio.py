@@ -1,0 +1,576 @@
+"""Every git call cage makes: resolve, diff, read blobs, worktrees.
+
+One git process per operation, never one per file: the change is listed by one
+``git diff-tree --raw -z``, blobs are read through one persistent ``git cat-file --batch``
+(GitPython's object access), and a path question about a commit is one ``git ls-tree``.
+
+The repository under judgement is hostile input. Its tree chooses attributes
+(``.gitattributes``), and code it ran earlier (a verify command in a worktree) may have
+written to ``.git/config``. So every call runs with:
+
+- ``-c`` overrides for each config key that can start a program during the operations cage
+  runs: hooks (``core.hooksPath=/dev/null``: post-checkout and reference-transaction run on
+  ``worktree add`` and ``checkout``), ``core.fsmonitor=false``, ``diff.external=``,
+  ``submodule.recurse=false`` (a checkout must not fetch or check out submodules),
+  ``protocol.allow=never`` (no transport at all, so nothing reaches the network),
+  ``gc.auto=0`` and ``maintenance.auto=false`` (no background work in the user's repository);
+- for the operations that write files (``worktree add``, ``checkout``, ``restore``), every
+  filter driver configured anywhere (``git config --get-regexp ^filter\\.``, read afresh each
+  time, since an earlier run may have added one) is switched off with
+  ``filter.<name>.smudge= clean= process=`` and ``required=false``, ``lfs`` always included.
+  An attribute ``filter=<name>`` in the tree can only select a configured driver, so this
+  leaves the content exactly as committed. The cost: a repository that needs Git LFS content
+  for its tests sees the pointer files in the replay worktree;
+- ``--no-textconv --no-ext-diff`` on the diff (``--raw`` reads no content anyway), and the
+  plumbing ``diff-tree`` rather than ``diff``, so ``diff.*`` user settings
+  (``diff.relative``, ``diff.ignoreSubmodules``, ``diff.renames``) cannot change the listing;
+- an environment with ``LC_ALL=C``, ``GIT_TERMINAL_PROMPT=0``, ``GIT_OPTIONAL_LOCKS=0``,
+  ``GIT_NO_REPLACE_OBJECTS=1`` (a SHA means the object it names, not a replacement),
+  ``GIT_LITERAL_PATHSPECS=1`` (cage only ever passes literal paths, never globs or pathspec
+  magic) and without the variables that would point git at another repository or run a
+  program (``GIT_DIR``, ``GIT_WORK_TREE``, ``GIT_INDEX_FILE``, ``GIT_EXTERNAL_DIFF``, ...).
+
+Paths are bytes in git. They are decoded as UTF-8 with ``surrogateescape`` everywhere in
+cage, so any byte sequence survives the round trip and nothing raises on odd names.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cage.errors import GitError
+
+ENCODING = "utf-8"
+ERRORS = "surrogateescape"
+
+NULL_MODE = "000000"
+REGULAR_MODES = frozenset({"100644", "100755"})
+
+# Config overrides on every git call: each key here can make git start a program (or touch
+# the network, or do background work) during the operations cage runs.
+SAFE_CONFIG: tuple[str, ...] = (
+    "core.hooksPath=/dev/null",
+    "core.fsmonitor=false",
+    "diff.external=",
+    "submodule.recurse=false",
+    "protocol.allow=never",
+    "gc.auto=0",
+    "maintenance.auto=false",
+    "advice.detachedHead=false",
+)
+
+# Variables that would redirect git to another repository, index or program. cage always
+# names the repository with -C (or GIT_DIR for the persistent cat-file), never inherits one.
+_DROPPED_ENV = (
+    "GIT_DIR",
+    "GIT_WORK_TREE",
+    "GIT_INDEX_FILE",
+    "GIT_COMMON_DIR",
+    "GIT_NAMESPACE",
+    "GIT_PREFIX",
+    "GIT_EXTERNAL_DIFF",
+    "GIT_DIFF_OPTS",
+    "GIT_PAGER",
+    "GIT_EDITOR",
+    "GIT_SSH",
+    "GIT_SSH_COMMAND",
+    "GIT_ASKPASS",
+    "GIT_PROXY_COMMAND",
+    "GIT_ATTR_SOURCE",
+)
+
+_SET_ENV = {
+    "LC_ALL": "C",
+    "LANGUAGE": "C",
+    "GIT_TERMINAL_PROMPT": "0",
+    "GIT_OPTIONAL_LOCKS": "0",
+    "GIT_NO_REPLACE_OBJECTS": "1",
+    "GIT_LITERAL_PATHSPECS": "1",
+}
+
+
+def git_env(base: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment every git call of cage runs with (see the module docstring)."""
+    env = dict(os.environ if base is None else base)
+    for name in _DROPPED_ENV:
+        env.pop(name, None)
+    env.update(_SET_ENV)
+    return env
+
+
+def encode_path(path: str) -> bytes:
+    """A cage path (str) back to git's bytes."""
+    return path.encode(ENCODING, ERRORS)
+
+
+def decode_path(raw: bytes) -> str:
+    """Git's path bytes to a cage path; odd bytes survive as surrogates."""
+    return raw.decode(ENCODING, ERRORS)
+
+
+def _check_rev(rev: object) -> str:
+    """Refuse revision values that git could read as something other than a revision."""
+    if not isinstance(rev, str) or not rev.strip():
+        raise GitError(f"empty revision {rev!r}: give a commit SHA or a ref")
+    if rev.startswith("-"):
+        raise GitError(
+            f"refusing revision {rev!r}: it starts with '-' and git would read it as an option"
+        )
+    if "\0" in rev or "\n" in rev:
+        raise GitError(f"refusing revision {rev!r}: it contains a NUL or newline character")
+    return rev
+
+
+def _is_clean_relpath(path: str) -> bool:
+    """True for a normalised repository-relative path (no '', '.', '..' parts, no NUL)."""
+    if not path or path.startswith("/") or "\0" in path:
+        return False
+    return all(part not in ("", ".", "..") for part in path.split("/"))
+
+
+def _tail(stderr: bytes, limit: int = 600) -> str:
+    text = stderr.decode(ENCODING, "replace").strip()
+    return text[-limit:] if text else "(no message from git)"
+
+
+@dataclass(frozen=True)
+class Change:
+    """One changed path between two commits, as ``git diff --raw`` reports it."""
+
+    status: str  # "A" added, "M" modified, "D" deleted, "T" type changed
+    path: str
+    old_mode: str  # "000000" when absent
+    new_mode: str
+    old_sha: str  # all zeros when absent
+    new_sha: str
+
+
+@dataclass(frozen=True)
+class TreeEntry:
+    """One entry of a tree listing (``git ls-tree``)."""
+
+    mode: str  # "100644", "100755", "120000" symlink, "160000" gitlink, "040000" tree
+    type: str  # "blob", "tree", "commit"
+    sha: str
+    path: str
+
+
+def parse_raw_diff(out: bytes) -> list[Change]:
+    """Parse ``git diff --raw -z`` output (``:om nm os ns S\\0path\\0``, two paths for R/C)."""
+    fields = out.split(b"\0")
+    changes: list[Change] = []
+    i = 0
+    while i < len(fields):
+        header = fields[i]
+        if not header:
+            i += 1
+            continue
+        if not header.startswith(b":"):
+            raise GitError(f"git diff: unexpected raw output near {header[:80]!r}")
+        parts = header[1:].decode("ascii", "replace").split()
+        if len(parts) != 5 or i + 1 >= len(fields):
+            raise GitError(f"git diff: malformed raw record {header[:80]!r}")
+        old_mode, new_mode, old_sha, new_sha, status = parts
+        letter = status[:1]
+        if letter in ("R", "C"):
+            # Not produced with --no-renames; kept readable as deletion + addition so no
+            # path can hide behind a rename record.
+            if i + 2 >= len(fields):
+                raise GitError(f"git diff: malformed raw record {header[:80]!r}")
+            src, dst = decode_path(fields[i + 1]), decode_path(fields[i + 2])
+            if letter == "R":
+                changes.append(Change("D", src, old_mode, NULL_MODE, old_sha, "0" * len(old_sha)))
+            changes.append(Change("A", dst, NULL_MODE, new_mode, "0" * len(new_sha), new_sha))
+            i += 3
+            continue
+        changes.append(
+            Change(letter, decode_path(fields[i + 1]), old_mode, new_mode, old_sha, new_sha)
+        )
+        i += 2
+    return changes
+
+
+def parse_ls_tree(out: bytes) -> list[TreeEntry]:
+    """Parse ``git ls-tree -z`` output (``mode type sha\\tpath\\0``)."""
+    entries = []
+    for record in out.split(b"\0"):
+        if not record:
+            continue
+        meta, sep, raw_path = record.partition(b"\t")
+        parts = meta.decode("ascii", "replace").split()
+        if not sep or len(parts) != 3:
+            raise GitError(f"git ls-tree: malformed record {record[:80]!r}")
+        entries.append(TreeEntry(parts[0], parts[1], parts[2], decode_path(raw_path)))
+    return entries
+
+
+class Repo:
+    """A git repository, accessed only through the git binary with safe settings."""
+
+    def __init__(self, path: str | os.PathLike = ".") -> None:
+        """Open the repository containing ``path``; GitError if there is none."""
+        start = Path(path)
+        if not start.is_dir():
+            raise GitError(f"{str(start)!r} is not a directory; give the repository path")
+        out = self._run_in(
+            start,
+            ["rev-parse", "--is-bare-repository", "--absolute-git-dir", "--show-cdup"],
+            what=f"{str(start)!r} is not inside a git repository",
+        )
+        lines = out.decode(ENCODING, ERRORS).split("\n")
+        self.bare = lines[0].strip() == "true"
+        self.git_dir = Path(lines[1])
+        cdup = lines[2] if len(lines) > 2 else ""
+        self.root: Path = self.git_dir if self.bare else (start / cdup).resolve()
+        self._cat: Any = None  # GitPython Git with the persistent cat-file, made on first use
+
+    # -- running git ------------------------------------------------------------------------
+
+    @staticmethod
+    def _run_in(
+        cwd: Path,
+        args: Sequence[str | bytes],
+        *,
+        what: str,
+        config: Sequence[str] = (),
+        input: bytes | None = None,
+        ok_codes: tuple[int, ...] = (0,),
+    ) -> bytes:
+        cmd: list[str | bytes] = ["git", "-C", str(cwd)]
+        for item in (*SAFE_CONFIG, *config):
+            cmd += ["-c", item]
+        cmd += list(args)
+        try:
+            done = subprocess.run(cmd, input=input, capture_output=True, env=git_env(), check=False)
+        except FileNotFoundError as exc:
+            raise GitError("git is not installed or not on PATH; install git") from exc
+        except OSError as exc:
+            raise GitError(f"cannot run git {args[0]!s} ({what}): {exc}") from exc
+        if done.returncode not in ok_codes:
+            sub = args[0].decode() if isinstance(args[0], bytes) else args[0]
+            raise GitError(f"git {sub} failed: {what}: {_tail(done.stderr)}")
+        return done.stdout
+
+    def _run(self, args: Sequence[str | bytes], *, what: str, **kw: Any) -> bytes:
+        return self._run_in(self.root, args, what=what, **kw)
+
+    def _filter_off_config(self, cwd: Path) -> list[str]:
+        """Config that switches off every configured filter driver (read afresh each time)."""
+        out = self._run_in(
+            cwd,
+            ["config", "-z", "--get-regexp", r"^filter\."],
+            what="listing filter drivers",
+            ok_codes=(0, 1),  # 1: no such keys
+        )
+        names = {"lfs"}
+        for item in out.split(b"\0"):
+            key = item.split(b"\n", 1)[0].decode(ENCODING, ERRORS)
+            if key.startswith("filter.") and key.count(".") >= 2:
+                names.add(key[len("filter.") : key.rindex(".")])
+        config = []
+        for name in sorted(names):
+            config += [
+                f"filter.{name}.smudge=",
+                f"filter.{name}.clean=",
+                f"filter.{name}.process=",
+                f"filter.{name}.required=false",
+            ]
+        return config
+
+    # -- revisions ---------------------------------------------------------------------------
+
+    def resolve_commit(self, rev: str) -> str:
+        """Full SHA of the commit ``rev`` names; GitError for '-' values and unknown revisions."""
+        _check_rev(rev)
+        done = subprocess.run(
+            [
+                "git",
+                "-C",
+                str(self.root),
+                *[arg for item in SAFE_CONFIG for arg in ("-c", item)],
+                "rev-parse",
+                "--verify",
+                "--quiet",
+                "--end-of-options",
+                f"{rev}^{{commit}}",
+            ],
+            capture_output=True,
+            env=git_env(),
+            check=False,
+        )
+        sha = done.stdout.decode("ascii", "replace").strip()
+        if done.returncode != 0 or not sha:
+            raise GitError(
+                f"revision {rev!r} does not resolve to a commit in {self.root}: "
+                "check the name, or fetch the full history (actions/checkout with fetch-depth: 0)"
+            )
+        return sha
+
+    def tree_of(self, commit: str) -> str:
+        """SHA of the root tree of ``commit``."""
+        _check_rev(commit)
+        out = self._run(
+            ["rev-parse", "--verify", "--end-of-options", f"{commit}^{{tree}}"],
+            what=f"revision {commit!r} has no tree (not a commit?)",
+        )
+        return out.decode("ascii").strip()
+
+    # -- the change --------------------------------------------------------------------------
+
+    def diff(self, base: str, head: str) -> list[Change]:
+        """Every path changed from ``base`` to ``head``: one ``git diff-tree --raw -z`` call.
+
+        No rename or copy detection (a rename is a deletion and an addition), no textconv,
+        no external diff, submodule changes always listed, full object names.
+        """
+        _check_rev(base)
+        _check_rev(head)
+        out = self._run(
+            [
+                "diff-tree",
+                "-r",
+                "-z",
+                "--raw",
+                "--no-renames",
+                "--no-textconv",
+                "--no-ext-diff",
+                "--no-abbrev",
+                "--ignore-submodules=none",
+                "--end-of-options",
+                base,
+                head,
+            ],
+            what=f"diff {base}..{head}",
+        )
+        return parse_raw_diff(out)
+
+    # -- objects -----------------------------------------------------------------------------
+
+    def _cat_file(self) -> Any:
+        """The GitPython command object holding the one persistent ``cat-file --batch``."""
+        if self._cat is None:
+            import git  # lazy: GitPython costs tens of milliseconds to import
+
+            cat = git.Git(str(self.root))
+            # GitPython starts from os.environ; pin the repository explicitly so an inherited
+            # GIT_DIR cannot point the reader at another object store.
+            cat.update_environment(**_SET_ENV, GIT_DIR=str(self.git_dir))
+            cat.set_persistent_git_options(c=list(SAFE_CONFIG))
+            self._cat = cat
+        return self._cat
+
+    def read_blobs(self, shas: Iterable[str]) -> dict[str, bytes]:
+        """Content of each object, read through one persistent ``git cat-file --batch``."""
+        cat = self._cat_file()
+        blobs: dict[str, bytes] = {}
+        for sha in shas:
+            if sha in blobs:
+                continue
+            if not sha or not all(c in "0123456789abcdefABCDEF" for c in sha):
+                raise GitError(f"cannot read object {sha!r}: not a hexadecimal object name")
+            try:
+                _, _, _, data = cat.get_object_data(sha)
+            except ValueError as exc:
+                raise GitError(f"git cat-file: object {sha} is missing: {exc}") from exc
+            except Exception as exc:  # GitPython raises its own errors when the process dies
+                self.close()
+                raise GitError(f"git cat-file --batch failed reading {sha}: {exc}") from exc
+            blobs[sha] = data
+        return blobs
+
+    def entry_at(self, commit: str, path: str) -> TreeEntry | None:
+        """The tree entry at exactly ``path`` in ``commit`` (any type), or None."""
+        _check_rev(commit)
+        if not _is_clean_relpath(path):
+            return None
+        out = self._run(
+            ["ls-tree", "-z", "--full-tree", "--end-of-options", commit, "--", encode_path(path)],
+            what=f"listing {path!r} at {commit}",
+        )
+        for entry in parse_ls_tree(out):
+            if entry.path == path:
+                return entry
+        return None
+
+    def read_file_at(self, commit: str, path: str) -> bytes | None:
+        """Bytes of the regular file ``path`` at ``commit``; None when absent or not a file.
+
+        A symlink, a submodule (gitlink) or a directory at ``path`` gives None: cage never
+        follows a symlink out of the committed blob, so a symlinked policy reads as a missing
+        policy. Callers wanting to say *why* can use :meth:`entry_at`.
+        """
+        entry = self.entry_at(commit, path)
+        if entry is None or entry.type != "blob" or entry.mode not in REGULAR_MODES:
+            return None
+        return self.read_blobs([entry.sha])[entry.sha]
+
+    def existing_files(self, commit: str, paths: Iterable[str]) -> set[str]:
+        """Which of ``paths`` are regular files (mode 100644/100755) at ``commit``: one call."""
+        _check_rev(commit)
+        wanted = {p for p in paths if _is_clean_relpath(p)}
+        if not wanted:
+            return set()
+        if len(wanted) <= 500:
+            args: list[str | bytes] = ["ls-tree", "-z", "--full-tree", "--end-of-options"]
+            args += [commit, "--", *sorted(encode_path(p) for p in wanted)]
+        else:
+            # Too many for one command line: list the whole tree once instead.
+            args = ["ls-tree", "-r", "-z", "--full-tree", "--end-of-options", commit]
+        out = self._run(args, what=f"listing files at {commit}")
+        return {
+            e.path
+            for e in parse_ls_tree(out)
+            if e.path in wanted and e.type == "blob" and e.mode in REGULAR_MODES
+        }
+
+    # -- worktrees ---------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def worktree(self, commit: str) -> Iterator[Worktree]:
+        """A detached worktree of ``commit`` in the system temporary directory.
+
+        Removed and unregistered on exit whatever happens (error, KeyboardInterrupt).
+        """
+        _check_rev(commit)
+        path = Path(tempfile.mkdtemp(prefix="cage-wt-", dir=tempfile.gettempdir()))
+        try:
+            self._run(
+                ["worktree", "add", "--detach", "--quiet", str(path), commit],
+                what=f"creating a worktree of {commit} at {path}",
+                config=self._filter_off_config(self.root),
+            )
+            yield Worktree(self, path)
+        finally:
+            self._remove_worktree(path)
+
+    def _remove_worktree(self, path: Path) -> None:
+        """Remove and unregister a worktree; survives a second Ctrl-C during the cleanup."""
+        interrupted: BaseException | None = None
+        for _ in range(3):
+            try:
+                self._remove_worktree_once(path)
+                break
+            except KeyboardInterrupt as exc:
+                interrupted = exc
+        if interrupted is not None:
+            raise interrupted
+
+    def _remove_worktree_once(self, path: Path) -> None:
+        admin = _admin_dir_of(path)
+        try:
+            self._run(
+                ["worktree", "remove", "--force", "--force", str(path)],
+                what=f"removing the worktree at {path}",
+            )
+        except GitError:
+            # Half-made (interrupted add) or damaged: delete it ourselves, unlock the admin
+            # entry (an interrupted add leaves it locked, and prune skips locked entries),
+            # then let git forget every entry whose directory is gone.
+            shutil.rmtree(path, ignore_errors=True)
+            if admin is not None:
+                with contextlib.suppress(OSError):
+                    (admin / "locked").unlink()
+            self._run(["worktree", "prune"], what="pruning worktree entries")
+        shutil.rmtree(path, ignore_errors=True)
+
+    def close(self) -> None:
+        """Stop the persistent cat-file process."""
+        if self._cat is not None:
+            with contextlib.suppress(Exception):
+                self._cat.clear_cache()
+            self._cat = None
+
+    def __enter__(self) -> Repo:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _admin_dir_of(path: Path) -> Path | None:
+    """The ``.git/worktrees/<name>`` directory a worktree's ``.git`` file points to."""
+    try:
+        text = (path / ".git").read_text(ENCODING, ERRORS)
+    except OSError:
+        return None
+    if text.startswith("gitdir: "):
+        return Path(text[len("gitdir: ") :].strip())
+    return None
+
+
+class Worktree:
+    """A detached worktree made by :meth:`Repo.worktree`."""
+
+    def __init__(self, repo: Repo, path: Path) -> None:
+        self.repo = repo
+        self.path = path
+
+    def _git(self, args: Sequence[str | bytes], *, what: str, **kw: Any) -> bytes:
+        return Repo._run_in(self.path, args, what=what, **kw)
+
+    def switch(self, commit: str) -> None:
+        """Detach to ``commit``, then ``git clean -ffdx``: nothing of the previous run survives.
+
+        ``--force`` throws away edits to tracked files; ``-ffdx`` removes untracked and
+        ignored files and nested repositories.
+        """
+        _check_rev(commit)
+        self._git(
+            ["checkout", "--detach", "--force", "--quiet", "--no-recurse-submodules", commit],
+            what=f"switching the worktree {self.path} to {commit}",
+            config=self.repo._filter_off_config(self.path),
+        )
+        self._git(["clean", "-ffdxq"], what=f"cleaning the worktree {self.path}")
+
+    def restore_paths_from(self, commit: str, paths: Iterable[str]) -> None:
+        """Put ``paths`` back as they are at ``commit`` (deleting those absent there).
+
+        One ``git restore --source`` call with NUL-separated literal paths; index and files
+        both. Paths known neither at ``commit`` nor in the worktree are skipped.
+        """
+        _check_rev(commit)
+        wanted = sorted({p for p in paths if _is_clean_relpath(p)})
+        if not wanted:
+            return
+        config = self.repo._filter_off_config(self.path)
+        try:
+            self._restore(commit, wanted, config)
+        except GitError as exc:
+            if "did not match" not in str(exc):
+                raise
+            # Some path exists nowhere (git refuses a pathspec that matches nothing): keep
+            # those known at commit or in the worktree's index and try once more.
+            known = self.repo.existing_files(commit, wanted)
+            out = self._git(
+                ["ls-files", "-z", "--", *(encode_path(p) for p in wanted)],
+                what=f"listing paths in the worktree {self.path}",
+            )
+            known |= {decode_path(raw) for raw in out.split(b"\0") if raw}
+            wanted = [p for p in wanted if p in known]
+            if wanted:
+                self._restore(commit, wanted, config)
+
+    def _restore(self, commit: str, paths: list[str], config: list[str]) -> None:
+        self._git(
+            [
+                "restore",
+                "--quiet",
+                "--no-overlay",
+                f"--source={commit}",
+                "--staged",
+                "--worktree",
+                "--pathspec-from-file=-",
+                "--pathspec-file-nul",
+            ],
+            input=b"\0".join(encode_path(p) for p in paths) + b"\0",
+            what=f"restoring {len(paths)} path(s) from {commit} in {self.path}",
+            config=config,
+        )
