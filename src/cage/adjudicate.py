@@ -1,0 +1,1063 @@
+"""Change classification + replay results -> Verdict.
+
+The core is pure: ``classify`` turns the changed paths of base..head into findings,
+``judge_replay`` turns the base and head runs of the verify command into reasons, and
+``decide`` applies the four rules of DESIGN.md ("Verdict", first rule that applies wins).
+``adjudicate`` is the thin pipeline around it: git objects in (never the working tree),
+one worktree, one ``Verdict`` out.
+
+Fail closed: every reason code belongs to exactly one rule in ``REASON_CODES``; a code that
+is not in the table is treated as an integrity failure (``BLOCKED``), never ignored.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import PurePosixPath
+from typing import Any
+
+SCHEMA = "cage.verdict/v1"
+
+PASS = "PASS"
+BLOCKED = "BLOCKED"
+HUMAN_APPROVAL_REQUIRED = "HUMAN_APPROVAL_REQUIRED"
+EXIT_CODES = {PASS: 0, BLOCKED: 1, HUMAN_APPROVAL_REQUIRED: 3}
+
+VERIFIED_STRONG = "VERIFIED_STRONG"
+VERIFIED_WEAK = "VERIFIED_WEAK"
+UNVERIFIED = "UNVERIFIED"
+VERIFIER_COMPROMISED = "VERIFIER_COMPROMISED"
+
+# Which verdict rule a reason belongs to (DESIGN.md "Verdict"; first rule that applies wins).
+RULE_INTEGRITY = 1  # BLOCKED: bad input or integrity failure, structural findings
+RULE_HUMAN = 2  # HUMAN_APPROVAL_REQUIRED: verifier or tamper findings, unattested spend
+RULE_BLOCKED = 3  # BLOCKED: scope, verification, regression, timeout, spend over limit
+RULE_INFO = 4  # listed, never decides the verdict
+
+_RULE_VERDICT = {
+    RULE_INTEGRITY: BLOCKED,
+    RULE_HUMAN: HUMAN_APPROVAL_REQUIRED,
+    RULE_BLOCKED: BLOCKED,
+}
+
+TAMPER_PREFIX = "tamper_"
+
+# Every reason code cage emits: code -> (rule, one-line meaning). docs/ci.md lists this table;
+# a test checks that every code the code base emits is here and in the docs.
+REASON_CODES: dict[str, tuple[int, str]] = {
+    # rule 1: bad input, integrity
+    "no_revisions": (RULE_INTEGRITY, "neither --base/--head nor a GitHub event was given"),
+    "bad_revision": (
+        RULE_INTEGRITY,
+        "a revision given on the command line is refused (starts with '-')",
+    ),
+    "bad_event": (
+        RULE_INTEGRITY,
+        "the GitHub event is missing, unreadable, malformed or lacks full SHAs",
+    ),
+    "untrusted_event": (
+        RULE_INTEGRITY,
+        "the workflow was triggered by an event cage does not trust",
+    ),
+    "not_a_repository": (RULE_INTEGRITY, "the repository path is not a git repository"),
+    "unresolvable_revision": (
+        RULE_INTEGRITY,
+        "base or head does not resolve to a commit in the repository",
+    ),
+    "policy_missing": (RULE_INTEGRITY, "the base commit has no .runcap/mission.yaml"),
+    "policy_invalid": (RULE_INTEGRITY, "the policy at the base commit does not validate"),
+    "empty_change": (RULE_INTEGRITY, "base and head have identical trees: nothing to adjudicate"),
+    "internal_error": (RULE_INTEGRITY, "cage itself failed; the gate fails closed"),
+    "deleted_path": (RULE_INTEGRITY, "a path is deleted (or renamed) and allow_deletions is false"),
+    "mode_changed": (RULE_INTEGRITY, "a path changed type or file mode (e.g. 100644 -> 100755)"),
+    "new_executable": (RULE_INTEGRITY, "an added file is executable (mode 100755)"),
+    "symlink": (RULE_INTEGRITY, "a symbolic link is added or changed"),
+    "gitlink": (RULE_INTEGRITY, "a submodule (gitlink) is added, changed or removed"),
+    "binary_content": (RULE_INTEGRITY, "a changed file has a NUL byte in its first 8,000 bytes"),
+    "lfs_pointer": (
+        RULE_INTEGRITY,
+        "a changed file is a Git LFS pointer: its content is not in the change",
+    ),
+    "not_utf8": (RULE_INTEGRITY, "a changed text file is not valid UTF-8"),
+    "unsupported_change": (RULE_INTEGRITY, "git reported a change status cage does not know"),
+    # rule 2: the verifier or trusted configuration was touched
+    "verifier_touched": (
+        RULE_HUMAN,
+        "a path of the verifier (protected set, `protect`, a file the commands name) changed",
+    ),
+    "package_metadata": (
+        RULE_HUMAN,
+        "a *.dist-info / *.egg-info path changed: it can register test plugins",
+    ),
+    "shadows_test_module": (
+        RULE_HUMAN,
+        "a changed Python file can shadow the test runner or a module the command runs",
+    ),
+    "tamper_*": (
+        RULE_HUMAN,
+        "product code reaches into the verifier at run time (see tamper.py; one code per pattern)",
+    ),
+    "spend_unattested": (
+        RULE_HUMAN,
+        "spend_evidence is required and no valid spend statement was given",
+    ),
+    # rule 3: out of scope, not verified
+    "out_of_scope": (RULE_BLOCKED, "a changed path is outside verification.allow"),
+    "setup_failed": (RULE_BLOCKED, "verification.setup failed at base or head: nothing is proven"),
+    "baseline_already_green": (
+        RULE_BLOCKED,
+        "the verify command already passes at base: the change proves nothing",
+    ),
+    "base_report_missing": (RULE_BLOCKED, "evidence: junit and the base run wrote no test report"),
+    "verification_failed": (RULE_BLOCKED, "the verify command does not pass at head"),
+    "head_report_missing": (
+        RULE_BLOCKED,
+        "the base run wrote a test report and the head run did not",
+    ),
+    "report_invalid": (RULE_BLOCKED, "the head run's test report is malformed or truncated"),
+    "no_tests_run": (RULE_BLOCKED, "the head report shows no test that actually ran"),
+    "test_skipped": (
+        RULE_BLOCKED,
+        "a test that failed at base (or any test after a collection error) is skipped at head",
+    ),
+    "test_not_run": (RULE_BLOCKED, "a test that failed at base is absent from the head report"),
+    "regression_failed": (
+        RULE_BLOCKED,
+        "a test that passed at base fails, is skipped or vanished at head",
+    ),
+    "timeout": (RULE_BLOCKED, "a command ran past verification.timeout_seconds and was killed"),
+    "spend_over_limit": (RULE_BLOCKED, "attested spend is over budget.mission_hard_limit_usd"),
+    # informational
+    "replay_skipped": (RULE_INFO, "the replay did not run because the verdict was already certain"),
+    "verifier_restored": (
+        RULE_INFO,
+        "guard: off: a changed verifier path was restored from base for the replay",
+    ),
+    "processes_killed": (RULE_INFO, "a command left processes behind; cage killed them"),
+    "spend_evidence_invalid": (
+        RULE_INFO,
+        "a spend statement was given but could not be verified; it is ignored",
+    ),
+    "spend_not_evaluated": (RULE_INFO, "spend was not part of this verdict"),
+}
+
+
+def rule_of(code: str) -> int:
+    """The verdict rule a reason code belongs to; unknown codes fail closed (rule 1)."""
+    if code.startswith(TAMPER_PREFIX):
+        return RULE_HUMAN
+    entry = REASON_CODES.get(code)
+    return entry[0] if entry else RULE_INTEGRITY
+
+
+@dataclass(frozen=True)
+class Reason:
+    """One reason for the verdict: a stable code, a sentence for people, the path at fault."""
+
+    code: str
+    message: str
+    path: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form: ``{code, message, path?}``."""
+        out: dict[str, Any] = {"code": self.code, "message": self.message}
+        if self.path is not None:
+            out["path"] = self.path
+        return out
+
+
+@dataclass(frozen=True)
+class Finding:
+    """What classification found about one changed path."""
+
+    path: str
+    kind: str  # structural | scope | verifier | tamper | restored (guard: off, informational)
+    code: str
+    message: str
+    line: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form, without the path (findings are listed under their change)."""
+        out: dict[str, Any] = {"kind": self.kind, "code": self.code, "message": self.message}
+        if self.line is not None:
+            out["line"] = self.line
+        return out
+
+    def reason(self) -> Reason:
+        """The finding as a verdict reason."""
+        where = f"{self.path}:{self.line}" if self.line is not None else self.path
+        return Reason(self.code, f"{where}: {self.message}", self.path)
+
+
+# ---------------------------------------------------------------------------------------
+# Classification (pure)
+
+MODE_ABSENT = "000000"
+MODE_FILE = "100644"
+MODE_EXECUTABLE = "100755"
+MODE_SYMLINK = "120000"
+MODE_GITLINK = "160000"
+REGULAR_MODES = frozenset({MODE_FILE, MODE_EXECUTABLE, "100664"})
+
+BINARY_SNIFF_BYTES = 8000  # git's own heuristic: a NUL byte in the first 8,000 bytes
+LFS_POINTER_PREFIX = b"version https://git-lfs.github.com/spec/v1"
+
+# Python modules a test run imports before or around the tests: a changed file named like one
+# of them, wherever it sits, can be put on sys.path ahead of the real one (src layout,
+# PYTHONPATH, rootdir insertion) and replace the test runner. Names of modules a command runs
+# with `python -m NAME` or as its first word are added per policy.
+SHADOWED_MODULES = frozenset(
+    {
+        "pytest",
+        "_pytest",
+        "pluggy",
+        "py",
+        "unittest",
+        "doctest",
+        "site",
+        "coverage",
+        "xdist",
+        "nose",
+        "nose2",
+        "hypothesis",
+        "sitecustomize",
+        "usercustomize",
+    }
+)
+
+# Package metadata directories: importlib.metadata finds them on sys.path, and an
+# entry_points.txt there registers pytest plugins (``[pytest11]``) that run inside the tests.
+PACKAGE_METADATA_SUFFIXES = (".dist-info", ".egg-info", ".egg-link")
+
+
+def content_findings(path: str, data: bytes) -> list[Finding]:
+    """Structural findings about the bytes of a changed regular file."""
+    if b"\0" in data[:BINARY_SNIFF_BYTES]:
+        return [
+            Finding(
+                path,
+                "structural",
+                "binary_content",
+                "binary content (NUL byte) cannot be reviewed or verified as text",
+            )
+        ]
+    if data.startswith(LFS_POINTER_PREFIX):
+        return [
+            Finding(
+                path,
+                "structural",
+                "lfs_pointer",
+                "Git LFS pointer: the real content is not part of the change",
+            )
+        ]
+    try:
+        data.decode("utf-8", "strict")
+    except UnicodeDecodeError as exc:
+        return [Finding(path, "structural", "not_utf8", f"not valid UTF-8 (byte {exc.start})")]
+    return []
+
+
+def mode_findings(change: Any, allow_deletions: bool) -> list[Finding]:
+    """Structural findings from a change's status and modes (no content needed)."""
+    path, status = change.path, change.status
+    old, new = change.old_mode, change.new_mode
+    out: list[Finding] = []
+    if status not in ("A", "M", "D", "T"):
+        out.append(
+            Finding(
+                path,
+                "structural",
+                "unsupported_change",
+                f"git change status {status!r} is not one cage adjudicates",
+            )
+        )
+        return out
+    if MODE_GITLINK in (old, new):
+        out.append(
+            Finding(
+                path,
+                "structural",
+                "gitlink",
+                "submodule (gitlink): its content is outside this repository",
+            )
+        )
+    if status == "D":
+        if not allow_deletions:
+            out.append(
+                Finding(
+                    path,
+                    "structural",
+                    "deleted_path",
+                    "deleted (a rename is deletion + addition); allow_deletions is false",
+                )
+            )
+        return out
+    if status == "T" or (status == "M" and old != new):
+        out.append(Finding(path, "structural", "mode_changed", f"mode changed {old} -> {new}"))
+    if status == "A" and new == MODE_EXECUTABLE:
+        out.append(
+            Finding(path, "structural", "new_executable", "added as an executable file (100755)")
+        )
+    if new == MODE_SYMLINK or (old == MODE_SYMLINK and status != "A"):
+        out.append(
+            Finding(
+                path, "structural", "symlink", "symbolic link: it can point the verifier anywhere"
+            )
+        )
+    return out
+
+
+def command_module_names(commands: Iterable[str | None]) -> set[str]:
+    """Top-level module names the commands run: ``python -m NAME`` and a bare first word."""
+    names: set[str] = set()
+    for command in commands:
+        if not command:
+            continue
+        try:
+            words = shlex.split(command)
+        except ValueError:
+            continue
+        for i, word in enumerate(words):
+            if word == "-m" and i + 1 < len(words):
+                names.add(words[i + 1].split(".")[0])
+            elif word.startswith("-m") and len(word) > 2 and word[2:3].isidentifier():
+                names.add(word[2:].split(".")[0])
+        # `pytest -q`, `tox -e py`: the first word after NAME=value assignments
+        first = next((w for w in words if "=" not in w), None)
+        if first:
+            stem = PurePosixPath(first).name
+            if stem.isidentifier():
+                names.add(stem)
+    return names
+
+
+def _shadowed_module(path: str, names: Iterable[str]) -> str | None:
+    """The module name a Python path can shadow (``pytest.py``, ``pytest/__init__.py``...)."""
+    if not path.endswith(".py"):
+        return None
+    parts = PurePosixPath(path).parts
+    stem = parts[-1][: -len(".py")]
+    for name in names:
+        if stem == name or name in parts[:-1]:
+            return name
+    return None
+
+
+def _verifier_reason(
+    path: str, protect: Sequence[str], command_files: set[str]
+) -> tuple[str, str] | None:
+    """(code, message) when the path belongs to the verifier, else None."""
+    from cage import pathrules
+
+    why = pathrules.protected_reason(path, protect)
+    if why is None and path.lower() != path:
+        # Case-insensitive file systems (macOS, Windows runners) check out `Tests/` as `tests/`.
+        why = pathrules.protected_reason(path.lower(), protect)
+    if why is not None:
+        return "verifier_touched", f"part of the verifier ({why})"
+    if path in command_files:
+        return "verifier_touched", "a file named by the verification command, regression or setup"
+    for part in PurePosixPath(path).parts:
+        if part.endswith(PACKAGE_METADATA_SUFFIXES):
+            return (
+                "package_metadata",
+                f"package metadata ({part}) can register test plugins that run with the tests",
+            )
+    return None
+
+
+def classify(
+    changes: Sequence[Any],
+    blobs: Mapping[str, bytes],
+    policy: Any,
+    command_files: set[str],
+) -> list[Finding]:
+    """Findings for every changed path: structural, scope, verifier (or restored), tamper.
+
+    ``blobs`` maps blob SHAs to bytes (new side of added/modified regular files, old side of
+    modified ones). ``command_files`` are the repository paths the commands name. Pure: no
+    git, no processes, no working tree.
+    """
+    from cage import pathrules, tamper
+
+    v = policy.verification
+    strict = v.guard != "off"
+    modules = SHADOWED_MODULES | command_module_names((v.command, v.regression, v.setup))
+    findings: list[Finding] = []
+    for change in changes:
+        path = change.path
+        here = mode_findings(change, v.allow_deletions)
+        regular_new = change.status != "D" and change.new_mode in REGULAR_MODES
+        data = blobs.get(change.new_sha) if regular_new else None
+        if regular_new:
+            if data is None:
+                here.append(
+                    Finding(
+                        path, "structural", "binary_content", "content could not be read from git"
+                    )
+                )
+            else:
+                here.extend(content_findings(path, data))
+        receipt = pathrules.is_receipt_path(path)
+        if not receipt:
+            if not pathrules.in_scope(path, v.allow):
+                here.append(Finding(path, "scope", "out_of_scope", "outside verification.allow"))
+            verifier = _verifier_reason(path, v.protect, command_files)
+            shadow = _shadowed_module(path, modules) if change.status != "D" else None
+            if verifier is None and shadow is not None:
+                verifier = (
+                    "shadows_test_module",
+                    f"named like the module `{shadow}` the test run imports",
+                )
+            if verifier is not None:
+                code, message = verifier
+                if strict:
+                    here.append(Finding(path, "verifier", code, message))
+                else:
+                    here.append(
+                        Finding(
+                            path,
+                            "restored",
+                            "verifier_restored",
+                            f"{message}; guard: off restores it from base for the replay",
+                        )
+                    )
+            elif data is not None and not any(f.kind == "structural" for f in here):
+                old = blobs.get(change.old_sha) if change.status == "M" else None
+                for hit in tamper.scan_change(path, old, data):
+                    here.append(
+                        Finding(
+                            hit.path or path,
+                            "tamper",
+                            TAMPER_PREFIX + hit.code,
+                            hit.message,
+                            hit.line,
+                        )
+                    )
+        findings.extend(here)
+    return findings
+
+
+def restore_paths(findings: Iterable[Finding]) -> list[str]:
+    """Paths guard: off restores from base before the head replay (sorted, unique)."""
+    return sorted({f.path for f in findings if f.kind == "restored"})
+
+
+# ---------------------------------------------------------------------------------------
+# Judging the replay (pure)
+
+BAD_STATES = ("failed", "error")
+
+
+def _is_collection_error(test_id: str) -> bool:
+    """pytest reports a module that cannot be collected as an error with an empty classname."""
+    return test_id.startswith("::") or test_id.endswith("::")
+
+
+def _failed_ids(report: Any) -> list[str]:
+    return sorted(t for t, s in report.cases.items() if s in BAD_STATES)
+
+
+def _ran_count(report: Any) -> int:
+    return sum(1 for s in report.cases.values() if s in ("passed", "failed", "error"))
+
+
+def _timeout_reason(result: Any, side: str) -> Reason | None:
+    if result is not None and result.timed_out:
+        return Reason(
+            "timeout",
+            f"{result.name} at {side} timed out after {result.duration_s:.0f}s and was killed: "
+            f"`{result.command}`",
+        )
+    return None
+
+
+def judge_setup(side: Any) -> list[Reason]:
+    """Reasons from the setup command of one side (timeout or failure)."""
+    setup = side.setup
+    if setup is None:
+        return []
+    timeout = _timeout_reason(setup, side.label)
+    if timeout:
+        return [timeout]
+    if setup.exit_code != 0:
+        return [
+            Reason(
+                "setup_failed",
+                f"setup at {side.label} exited {setup.exit_code}: `{setup.command}`; "
+                "nothing can be proven",
+            )
+        ]
+    return []
+
+
+def judge_command(base: Any, head: Any | None, evidence: str) -> tuple[list[Reason], bool]:
+    """Judge the verify command: must fail at base and pass at head.
+
+    Returns (reasons, strong): ``strong`` is True when the pass rests on test reports rather
+    than on exit statuses alone.
+    """
+    timeout = _timeout_reason(base, "base")
+    if timeout:
+        return [timeout], False
+    use_reports = evidence != "exit-code"
+    base_report = base.report if use_reports else None
+    if evidence == "junit" and base_report is None:
+        detail = f" ({base.report_error})" if base.report_error else ""
+        return [
+            Reason(
+                "base_report_missing",
+                f"evidence: junit, but the base run wrote no test report{detail}",
+            )
+        ], False
+    base_green = base.exit_code == 0 and not (base_report is not None and _failed_ids(base_report))
+    if base_green:
+        return [
+            Reason(
+                "baseline_already_green",
+                f"`{base.command}` already passes at base: the change proves nothing",
+            )
+        ], False
+    if head is None:
+        return [Reason("verification_failed", "the verify command did not run at head")], False
+    timeout = _timeout_reason(head, "head")
+    if timeout:
+        return [timeout], False
+    reasons: list[Reason] = []
+    if head.exit_code != 0:
+        reasons.append(
+            Reason("verification_failed", f"`{head.command}` exited {head.exit_code} at head")
+        )
+    if use_reports and head.report_error:
+        reasons.append(
+            Reason("report_invalid", f"the head test report cannot be read: {head.report_error}")
+        )
+    if base_report is None:
+        # Exit status only: weak evidence, but a head report that shows failures still counts.
+        if use_reports and head.report is not None and _failed_ids(head.report):
+            reasons.append(
+                Reason(
+                    "verification_failed",
+                    f"the head report has failing tests: {', '.join(_failed_ids(head.report)[:5])}",
+                )
+            )
+        return reasons, False
+    head_report = head.report
+    if head_report is None:
+        if not head.report_error:
+            reasons.append(
+                Reason(
+                    "head_report_missing",
+                    "the base run wrote a test report and the head run did not: "
+                    "the tests may never have run",
+                )
+            )
+        return reasons, True
+    if _ran_count(head_report) == 0:
+        reasons.append(Reason("no_tests_run", "the head report shows no test that ran"))
+    for test_id in _failed_ids(head_report):
+        reasons.append(
+            Reason("verification_failed", f"test {test_id} {head_report.cases[test_id]} at head")
+        )
+    base_failed = _failed_ids(base_report)
+    collection_error = any(_is_collection_error(t) for t in base_failed) or not base_failed
+    for test_id in base_failed:
+        if _is_collection_error(test_id):
+            continue
+        state = head_report.cases.get(test_id)
+        if state is None:
+            reasons.append(
+                Reason("test_not_run", f"test {test_id} failed at base and is absent at head")
+            )
+        elif state == "skipped":
+            reasons.append(
+                Reason("test_skipped", f"test {test_id} failed at base and is skipped at head")
+            )
+    if collection_error:
+        for test_id, state in sorted(head_report.cases.items()):
+            if state == "skipped":
+                reasons.append(
+                    Reason(
+                        "test_skipped",
+                        f"test {test_id} is skipped at head after a collection error at base: "
+                        "every test must pass",
+                    )
+                )
+    return reasons, True
+
+
+def judge_regression(base: Any | None, head: Any | None, evidence: str) -> list[Reason]:
+    """PASS_TO_PASS: every test that passed at base passes at head, not skipped, not vanished."""
+    if base is None and head is None:
+        return []
+    for result, side in ((base, "base"), (head, "head")):
+        timeout = _timeout_reason(result, side)
+        if timeout:
+            return [timeout]
+    if head is None:
+        return [Reason("regression_failed", "the regression command did not run at head")]
+    use_reports = evidence != "exit-code"
+    base_report = base.report if (use_reports and base is not None) else None
+    reasons: list[Reason] = []
+    must_exit_zero = base_report is None or (base is not None and base.exit_code == 0)
+    if must_exit_zero and head.exit_code != 0:
+        reasons.append(
+            Reason("regression_failed", f"`{head.command}` exited {head.exit_code} at head")
+        )
+    if base_report is None:
+        return reasons
+    head_report = head.report
+    if head_report is None:
+        reasons.append(
+            Reason(
+                "regression_failed",
+                "the base regression run wrote a test report and the head run did not"
+                + (f": {head.report_error}" if head.report_error else ""),
+            )
+        )
+        return reasons
+    for test_id, state in sorted(base_report.cases.items()):
+        if state != "passed":
+            continue
+        now = head_report.cases.get(test_id)
+        if now is None:
+            reasons.append(
+                Reason("regression_failed", f"test {test_id} passed at base and vanished at head")
+            )
+        elif now != "passed":
+            reasons.append(
+                Reason("regression_failed", f"test {test_id} passed at base and is {now} at head")
+            )
+    return reasons
+
+
+def judge_replay(base: Any, head: Any | None, verification: Any) -> tuple[list[Reason], str]:
+    """Reasons and verification status from the base and head ``SideResult`` of a replay."""
+    evidence = verification.evidence
+    reasons = judge_setup(base)
+    if reasons:
+        return reasons, UNVERIFIED
+    if base.command is None:
+        return [Reason("verification_failed", "the verify command did not run at base")], UNVERIFIED
+    if head is not None:
+        reasons = judge_setup(head)
+        if reasons:
+            return reasons, UNVERIFIED
+    reasons, strong = judge_command(base.command, head.command if head else None, evidence)
+    if not reasons and verification.regression:
+        reasons = judge_regression(base.regression, head.regression if head else None, evidence)
+    for side in (base, head):
+        if side is None:
+            continue
+        for result in (side.setup, side.command, side.regression):
+            killed = getattr(result, "leftover_processes_killed", 0) if result else 0
+            if killed:
+                reasons.append(
+                    Reason(
+                        "processes_killed",
+                        f"{result.name} at {side.label} left {killed} process(es) running; "
+                        "cage killed them",
+                    )
+                )
+    if any(rule_of(r.code) < RULE_INFO for r in reasons):
+        return reasons, UNVERIFIED
+    strong = strong and verification.guard != "off" and evidence != "exit-code"
+    return reasons, VERIFIED_STRONG if strong else VERIFIED_WEAK
+
+
+# ---------------------------------------------------------------------------------------
+# The verdict (pure)
+
+
+def decide(reasons: Iterable[Reason]) -> tuple[str, list[Reason]]:
+    """The verdict and the reasons ordered by the rule that decided (DESIGN.md "Verdict")."""
+    ordered = sorted(reasons, key=lambda r: rule_of(r.code))  # stable: keeps discovery order
+    deciding = min((rule_of(r.code) for r in ordered), default=RULE_INFO)
+    return _RULE_VERDICT.get(deciding, PASS), ordered
+
+
+def verification_status(findings: Iterable[Finding], replay_status: str | None) -> str:
+    """VERIFIER_COMPROMISED when the verifier was touched, else the replay's status."""
+    if any(f.kind in ("verifier", "tamper") for f in findings):
+        return VERIFIER_COMPROMISED
+    return replay_status or UNVERIFIED
+
+
+@dataclass
+class Verdict:
+    """The gate's answer with everything needed to explain it (schema ``cage.verdict/v1``)."""
+
+    verdict: str
+    reasons: list[Reason]
+    status: str = UNVERIFIED
+    base: str | None = None
+    head: str | None = None
+    policy: dict[str, Any] | None = None
+    changes: list[Any] = field(default_factory=list)
+    findings: list[Finding] = field(default_factory=list)
+    verification: dict[str, Any] = field(default_factory=dict)
+    spend: dict[str, Any] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    error: str | None = None  # internal error text, for stderr (never decides alone)
+
+    @property
+    def exit_code(self) -> int:
+        """PASS 0, BLOCKED 1, HUMAN_APPROVAL_REQUIRED 3."""
+        return EXIT_CODES.get(self.verdict, 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The ``cage.verdict/v1`` JSON document."""
+        by_path: dict[str, list[dict[str, Any]]] = {}
+        for f in self.findings:
+            by_path.setdefault(f.path, []).append(f.to_dict())
+        changes = [
+            {
+                "path": c.path,
+                "status": c.status,
+                "old_mode": c.old_mode,
+                "new_mode": c.new_mode,
+                "findings": by_path.get(c.path, []),
+            }
+            for c in self.changes
+        ]
+        verification = {"status": self.status, "base": None, "head": None, "regression": None}
+        verification.update(self.verification)
+        verification["status"] = self.status
+        return {
+            "schema": SCHEMA,
+            "verdict": self.verdict,
+            "exit_code": self.exit_code,
+            "reasons": [r.to_dict() for r in self.reasons],
+            "policy": self.policy,
+            "base": self.base,
+            "head": self.head,
+            "changes": changes,
+            "verification": verification,
+            "spend": self.spend or spend_not_evaluated(None, None),
+            "timings": {k: round(v, 4) for k, v in self.timings.items()},
+        }
+
+
+def blocked(code: str, message: str, **fields: Any) -> Verdict:
+    """A BLOCKED verdict for bad input or an integrity failure before any classification."""
+    verdict = Verdict(BLOCKED, [Reason(code, message)], **fields)
+    verdict.verdict, verdict.reasons = decide(verdict.reasons)
+    return verdict
+
+
+def spend_not_evaluated(policy: Any, evidence_path: str | None) -> dict[str, Any]:
+    """The ``spend`` section until signed spend statements are verified (issue 8)."""
+    return {
+        "status": "not_evaluated",
+        "policy": getattr(policy, "spend_evidence", None),
+        "evidence_path": evidence_path,
+        "cost_usd": None,
+        "limit_usd": getattr(getattr(policy, "budget", None), "mission_hard_limit_usd", None),
+    }
+
+
+def spend_reasons(policy: Any, evidence_path: str | None) -> list[Reason]:
+    """Spend rules that hold before statements can be verified: fail closed."""
+    reasons: list[Reason] = []
+    if evidence_path:
+        reasons.append(
+            Reason(
+                "spend_evidence_invalid",
+                f"spend statement {evidence_path} is ignored: this version of cage "
+                "cannot verify signed spend statements",
+            )
+        )
+    if policy.spend_evidence == "required":
+        reasons.append(
+            Reason(
+                "spend_unattested",
+                "spend_evidence: required, and no verified spend statement was given",
+            )
+        )
+    return reasons
+
+
+# ---------------------------------------------------------------------------------------
+# The pipeline (I/O at the edges: gitio, replay)
+
+
+def _command_dict(result: Any) -> dict[str, Any] | None:
+    if result is None:
+        return None
+    report = result.report
+    return {
+        "command": result.command,
+        "exit_code": result.exit_code,
+        "timed_out": result.timed_out,
+        "duration_s": round(result.duration_s, 3),
+        "tests": dict(report.counts, total=report.total) if report is not None else None,
+        "report_error": result.report_error,
+        "leftover_processes_killed": result.leftover_processes_killed,
+    }
+
+
+def _side_dict(side: Any) -> dict[str, Any] | None:
+    if side is None:
+        return None
+    return {"setup": _command_dict(side.setup), "command": _command_dict(side.command)}
+
+
+def _say(progress: Callable[[str], None] | None, message: str) -> None:
+    if progress is not None:
+        progress(message)
+
+
+def adjudicate(
+    repo_path: str | os.PathLike[str],
+    base_rev: str,
+    head_rev: str,
+    *,
+    spend_evidence_path: str | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> Verdict:
+    """The whole gate: resolve, read the base policy, classify, replay if it can matter, decide.
+
+    Never raises for bad input or an internal failure: those become a ``BLOCKED`` verdict
+    (``internal_error`` keeps the error text in ``Verdict.error``). KeyboardInterrupt
+    propagates after the worktree is removed.
+    """
+    started = time.monotonic()
+    try:
+        verdict = _adjudicate(repo_path, base_rev, head_rev, spend_evidence_path, progress)
+    except Exception as exc:  # fail closed: an unexpected error must never look like a PASS
+        verdict = blocked(
+            "internal_error", f"cage failed while adjudicating: {type(exc).__name__}: {exc}"
+        )
+        verdict.error = f"{type(exc).__name__}: {exc}"
+    verdict.timings["total_s"] = time.monotonic() - started
+    return verdict
+
+
+def _adjudicate(
+    repo_path: str | os.PathLike[str],
+    base_rev: str,
+    head_rev: str,
+    spend_evidence_path: str | None,
+    progress: Callable[[str], None] | None,
+) -> Verdict:
+    from cage import gitio, pathrules
+    from cage import policy as policy_mod
+    from cage.errors import GitError, PolicyError
+
+    timings: dict[str, float] = {}
+    clock = time.monotonic()
+    for label, rev in (("base", base_rev), ("head", head_rev)):
+        if not rev or rev.startswith("-"):
+            return blocked(
+                "bad_revision",
+                f"the {label} revision {rev!r} is refused: "
+                "a revision must not be empty or start with '-'",
+            )
+    try:
+        repo = gitio.Repo(repo_path)
+    except GitError as exc:
+        return blocked("not_a_repository", f"{repo_path}: not a git repository ({exc})")
+    shas: dict[str, str] = {}
+    for label, rev in (("base", base_rev), ("head", head_rev)):
+        try:
+            shas[label] = repo.resolve_commit(rev)
+        except GitError as exc:
+            return blocked(
+                "unresolvable_revision",
+                f"the {label} revision {rev!r} does not resolve to a commit in {repo.root} "
+                f"({exc}); "
+                "fetch it (actions/checkout with fetch-depth: 0)",
+            )
+    base, head = shas["base"], shas["head"]
+    timings["resolve_s"] = time.monotonic() - clock
+
+    clock = time.monotonic()
+    policy_path = policy_mod.POLICY_PATH
+    data = repo.read_file_at(base, policy_path)
+    if data is None:
+        return blocked(
+            "policy_missing",
+            f"{policy_path} does not exist at the base commit {base[:12]}; "
+            "commit a policy to the base branch first (`cage policy init`)",
+            base=base,
+            head=head,
+            timings=timings,
+        )
+    policy_info = {"path": policy_path, "hash": policy_mod.hash_policy(data), "source": "base"}
+    try:
+        policy = policy_mod.load_policy(data, f"{policy_path}@{base[:12]}")
+    except PolicyError as exc:
+        verdict = Verdict(
+            BLOCKED,
+            [Reason("policy_invalid", line, policy_path) for line in exc.problems],
+            base=base,
+            head=head,
+            policy=policy_info,
+            timings=timings,
+        )
+        verdict.verdict, verdict.reasons = decide(verdict.reasons)
+        return verdict
+    policy_info["hash"] = policy.hash
+    timings["policy_s"] = time.monotonic() - clock
+    spend = spend_not_evaluated(policy, spend_evidence_path)
+
+    clock = time.monotonic()
+    changes = repo.diff(base, head)
+    timings["diff_s"] = time.monotonic() - clock
+    if not changes:
+        verdict = blocked(
+            "empty_change",
+            f"base {base[:12]} and head {head[:12]} have the same content: "
+            "there is nothing to adjudicate",
+            base=base,
+            head=head,
+            policy=policy_info,
+            spend=spend,
+            timings=timings,
+        )
+        return verdict
+
+    clock = time.monotonic()
+    v = policy.verification
+    wanted: set[str] = set()
+    for c in changes:
+        if c.status != "D" and c.new_mode in REGULAR_MODES:
+            wanted.add(c.new_sha)
+            if c.status == "M" and c.old_mode in REGULAR_MODES:
+                wanted.add(c.old_sha)
+    blobs = repo.read_blobs(sorted(wanted)) if wanted else {}
+    candidates: set[str] = set()
+    for command in (v.command, v.regression, v.setup):
+        if command:
+            candidates |= pathrules.command_file_candidates(command)
+    command_files = repo.existing_files(base, candidates) if candidates else set()
+    # A file the command names that is absent at base and added by the change is the
+    # verifier too: otherwise "run ./check.sh" fails at base and the change supplies it.
+    command_files |= {c.path for c in changes if c.path in candidates}
+    findings = classify(changes, blobs, policy, command_files)
+    timings["classify_s"] = time.monotonic() - clock
+
+    reasons = [f.reason() for f in findings]
+    reasons.extend(spend_reasons(policy, spend_evidence_path))
+    verification: dict[str, Any] = {
+        "evidence": v.evidence,
+        "guard": v.guard,
+        "replayed": False,
+        "skipped_reason": None,
+        "restored_paths": restore_paths(findings),
+    }
+    replay_status: str | None = None
+    certain = sorted(
+        {f.kind for f in findings if f.kind in ("structural", "scope", "verifier", "tamper")}
+    )
+    if certain:
+        why = f"the verdict is already certain ({', '.join(certain)} findings)"
+        verification["skipped_reason"] = why
+        reasons.append(Reason("replay_skipped", f"the verify command was not replayed: {why}"))
+    else:
+        replay_reasons, replay_status = _replay(
+            repo, base, head, policy, verification, timings, progress
+        )
+        reasons.extend(replay_reasons)
+
+    verdict_name, ordered = decide(reasons)
+    return Verdict(
+        verdict_name,
+        ordered,
+        status=verification_status(findings, replay_status),
+        base=base,
+        head=head,
+        policy=policy_info,
+        changes=changes,
+        findings=findings,
+        verification=verification,
+        spend=spend,
+        timings=timings,
+    )
+
+
+def _replay(
+    repo: Any,
+    base: str,
+    head: str,
+    policy: Any,
+    verification: dict[str, Any],
+    timings: dict[str, float],
+    progress: Callable[[str], None] | None,
+) -> tuple[list[Reason], str]:
+    """One worktree of base, run, switch to head (cleaned), freeze the verifier, run, judge."""
+    from cage import replay
+
+    v = policy.verification
+    steps = ", ".join(
+        n
+        for n, c in (("setup", v.setup), ("command", v.command), ("regression", v.regression))
+        if c
+    )
+    log_dir = tempfile.mkdtemp(prefix="cage-logs-")
+    head_side = None
+    try:
+        clock = time.monotonic()
+        with repo.worktree(base) as worktree:
+            timings["worktree_s"] = time.monotonic() - clock
+            _say(
+                progress,
+                f"replaying at base {base[:12]}: {steps} (timeout {v.timeout_seconds:g}s each)",
+            )
+            clock = time.monotonic()
+            base_side = replay.run_side("base", worktree.path, v, _sub(log_dir, "base"))
+            timings["replay_base_s"] = time.monotonic() - clock
+            verification["replayed"] = True
+            verification["base"] = _side_dict(base_side)
+            if _worth_running_head(base_side, v.evidence):
+                clock = time.monotonic()
+                worktree.switch(head)
+                restored = verification["restored_paths"]
+                if restored:
+                    # guard: off: freeze the verifier by putting base's version back.
+                    worktree.restore_paths_from(base, restored)
+                timings["switch_s"] = time.monotonic() - clock
+                _say(
+                    progress,
+                    f"replaying at head {head[:12]}: {steps} (timeout {v.timeout_seconds:g}s each)",
+                )
+                clock = time.monotonic()
+                head_side = replay.run_side("head", worktree.path, v, _sub(log_dir, "head"))
+                timings["replay_head_s"] = time.monotonic() - clock
+                verification["head"] = _side_dict(head_side)
+            else:
+                verification["skipped_reason"] = (
+                    "the base run already decides the verdict; head was not replayed"
+                )
+        if v.regression:
+            verification["regression"] = {
+                "command": v.regression,
+                "base": _command_dict(base_side.regression),
+                "head": _command_dict(head_side.regression) if head_side else None,
+            }
+    finally:
+        shutil.rmtree(log_dir, ignore_errors=True)
+    return judge_replay(base_side, head_side, v)
+
+
+def _sub(root: str, name: str) -> Any:
+    from pathlib import Path
+
+    path = Path(root) / name
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _worth_running_head(base_side: Any, evidence: str) -> bool:
+    """Head runs only when the base run leaves the verdict open (saves a whole replay)."""
+    if judge_setup(base_side) or base_side.command is None:
+        return False
+    reasons, _ = judge_command(base_side.command, None, evidence)
+    # judge_command with no head says "did not run at head" exactly when base was fine.
+    return [r.code for r in reasons] == ["verification_failed"]
