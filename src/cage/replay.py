@@ -1,0 +1,631 @@
+"""Run a verify command in a worktree: scrubbed environment, timeout, process-tree cleanup,
+test evidence.
+
+Each command runs as ``/bin/sh -c COMMAND`` in its own session (and so its own process
+group), with stdin from ``/dev/null`` and stdout/stderr going to files in ``log_dir`` (not
+pipes: a lingering child holding a pipe open would keep us waiting). On Linux the cage
+process makes itself a *child subreaper*, so processes that escape the group with
+``setsid`` or by double-forking are re-parented to cage instead of init, where cage can
+still find them. When the command ends, or its timeout expires, every process it started
+is killed and reaped.
+
+Test evidence: ``PYTEST_ADDOPTS`` makes any pytest run in the command write a JUnit XML
+report to a fresh, randomly named file in ``log_dir``; cage parses it after the whole
+process tree is dead.
+
+Trust notes (see also docs/trust-model.md):
+
+- The report path is random per run, so nothing planted earlier (by a previous command, a
+  ``setup`` step or a file in the change) is read as evidence, and every stale report in
+  ``log_dir`` is deleted before the run. The path is still visible to product code through
+  ``PYTEST_ADDOPTS``: code that reads it and writes a fake report is what the tamper
+  scanner (``cage.tamper``) looks for; the replay cannot tell such a report from pytest's.
+- One ``PYTEST_ADDOPTS`` means one report path: if a command runs pytest several times,
+  each run overwrites the report and only the last run's cases are evidence (the exit
+  status still covers all of them). A nested pytest (a test running pytest in a
+  subprocess) finishes before the outer one, so the outer run's report wins.
+- The command runs with cage's user id and file system; the environment scrub removes
+  credentials passed by name, it is not a sandbox. ``HOME`` is left alone: a fake ``HOME``
+  hides nothing from a process that can open the real one by absolute path, and it would
+  break package caches and tools' configuration.
+- ``run_command`` calls are serialised by a lock: cleanup finds the command's escaped
+  processes among cage's new children, which needs one command at a time per process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import secrets
+import select
+import shlex
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import threading
+import time
+import xml.etree.ElementTree as ET
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from cage.errors import CageError
+
+if TYPE_CHECKING:
+    import psutil
+
+    from cage.policy import Verification
+
+# ---------------------------------------------------------------------------------------
+# Environment scrub (data: each rule with the reason it exists)
+
+
+@dataclass(frozen=True)
+class EnvRule:
+    """One environment scrub rule. ``kind`` is "exact", "prefix" or "suffix"; names are
+    compared upper-cased. A suffix rule such as ``_TOKEN`` also matches the bare ``TOKEN``."""
+
+    kind: str
+    pattern: str
+    why: str
+
+    def matches(self, name: str) -> bool:
+        """True when the variable ``name`` falls under this rule."""
+        upper = name.upper()
+        if self.kind == "exact":
+            return upper == self.pattern
+        if self.kind == "prefix":
+            return upper.startswith(self.pattern)
+        return upper.endswith(self.pattern) or upper == self.pattern.lstrip("_")
+
+
+ENV_SCRUB_RULES: tuple[EnvRule, ...] = (
+    # CI credentials: the verify command is code from the pull request.
+    EnvRule("exact", "GITHUB_TOKEN", "the workflow token can write to the repository"),
+    EnvRule("exact", "GH_TOKEN", "token read by the gh CLI"),
+    EnvRule(
+        "prefix",
+        "ACTIONS_",
+        "runner service credentials and URLs: ACTIONS_RUNTIME_TOKEN (cache and artifacts), "
+        "ACTIONS_ID_TOKEN_REQUEST_TOKEN/URL (OIDC tokens for clouds), ACTIONS_CACHE_URL",
+    ),
+    # Runner file commands: whoever writes these files sets the gate's outputs, step
+    # summary, and the environment and PATH of later steps.
+    EnvRule("exact", "GITHUB_OUTPUT", "a test could set the gate's outputs (verdict)"),
+    EnvRule("exact", "GITHUB_STEP_SUMMARY", "a test could write the gate's step summary"),
+    EnvRule("exact", "GITHUB_ENV", "a test could set variables for later steps"),
+    EnvRule("exact", "GITHUB_PATH", "a test could put its own programs on later steps' PATH"),
+    EnvRule("exact", "GITHUB_STATE", "a test could set the action's post-step state"),
+    # cage's own configuration: the attestation key, the ledger, the proxy.
+    EnvRule("prefix", "CAGE_", "cage's own keys and configuration (CAGE_ATTEST_KEY, ledger)"),
+    # Credentials by naming convention. Broad on purpose: a verify command needs none of
+    # them, and a missing variable fails at base and at head alike, never a false PASS.
+    EnvRule("suffix", "_TOKEN", "credentials by convention (NPM_TOKEN, AWS_SESSION_TOKEN)"),
+    EnvRule("suffix", "_SECRET", "credentials by convention (CLIENT_SECRET)"),
+    EnvRule("suffix", "_KEY", "credentials by convention (OPENAI_API_KEY, AWS_SECRET_ACCESS_KEY)"),
+    EnvRule("suffix", "_PASSWORD", "credentials by convention"),
+    EnvRule("suffix", "_PASSWD", "credentials by convention"),
+    EnvRule("suffix", "_CREDENTIALS", "credential files by convention"),
+    EnvRule("exact", "SSH_AUTH_SOCK", "the SSH agent signs as the runner"),
+    EnvRule("exact", "GIT_ASKPASS", "hands out git credentials"),
+    EnvRule("exact", "SSH_ASKPASS", "hands out SSH credentials"),
+    # Variables that point git at another repository than the worktree.
+    EnvRule("exact", "GIT_DIR", "git in the worktree would act on another repository"),
+    EnvRule("exact", "GIT_WORK_TREE", "git in the worktree would act on another work tree"),
+    EnvRule("exact", "GIT_INDEX_FILE", "git in the worktree would use another index"),
+    EnvRule("exact", "GIT_COMMON_DIR", "git in the worktree would act on another repository"),
+    EnvRule("exact", "GIT_OBJECT_DIRECTORY", "git would read and write other objects"),
+    EnvRule("exact", "GIT_ALTERNATE_OBJECT_DIRECTORIES", "git would read other objects"),
+    EnvRule("exact", "GIT_NAMESPACE", "git would act on another ref namespace"),
+    # Test harness and interpreter.
+    EnvRule("exact", "PYTEST_ADDOPTS", "replaced by cage's own: the report path cage owns"),
+    EnvRule(
+        "exact",
+        "PYTHONPATH",
+        "would import code from outside the worktree (e.g. the pull request's checkout)",
+    ),
+    EnvRule("exact", "PYTHONSTARTUP", "start-up code from outside the worktree"),
+)
+
+
+def scrubbed_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Return a copy of ``env`` (default ``os.environ``) without any variable matched by
+    ``ENV_SCRUB_RULES``. ``PYTEST_ADDOPTS`` is removed here; ``run_command`` sets its own."""
+    source = os.environ if env is None else env
+    return {
+        name: value
+        for name, value in source.items()
+        if not any(rule.matches(name) for rule in ENV_SCRUB_RULES)
+    }
+
+
+# ---------------------------------------------------------------------------------------
+# Results
+
+
+OUTCOMES = ("passed", "failed", "error", "skipped")
+# Worst first: when one test id appears more than once, the worst outcome wins, so a
+# duplicate passing case (a second pytest run, a forged case) never masks a failure.
+_SEVERITY = {"error": 3, "failed": 2, "skipped": 1, "passed": 0}
+
+
+@dataclass
+class TestReport:
+    """Test cases of one JUnit report: ``"classname::name"`` -> passed|failed|error|skipped."""
+
+    __test__ = False  # not a pytest test class, despite the name
+
+    cases: dict[str, str]
+
+    @property
+    def counts(self) -> dict[str, int]:
+        """Number of cases per outcome; every outcome is present, 0 when none."""
+        tally = Counter(self.cases.values())
+        return {outcome: tally.get(outcome, 0) for outcome in OUTCOMES}
+
+    @property
+    def total(self) -> int:
+        """Number of distinct test ids in the report."""
+        return len(self.cases)
+
+
+@dataclass
+class CommandResult:
+    """What one command did. ``exit_code`` is None on timeout; negative when the shell was
+    killed by a signal (``-signal``, as subprocess reports it)."""
+
+    name: str  # setup | command | regression
+    command: str
+    exit_code: int | None
+    timed_out: bool
+    duration_s: float
+    stdout_path: Path
+    stderr_path: Path
+    report: TestReport | None
+    report_error: str | None
+    leftover_processes_killed: int
+    report_path: Path | None = None  # where PYTEST_ADDOPTS pointed pytest
+
+    @property
+    def succeeded(self) -> bool:
+        """Exit status 0 within the timeout (the report is judged separately)."""
+        return not self.timed_out and self.exit_code == 0
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready summary (paths as strings)."""
+        return {
+            "name": self.name,
+            "command": self.command,
+            "exit_code": self.exit_code,
+            "timed_out": self.timed_out,
+            "duration_s": round(self.duration_s, 3),
+            "stdout_path": str(self.stdout_path),
+            "stderr_path": str(self.stderr_path),
+            "tests": None if self.report is None else self.report.counts,
+            "report_error": self.report_error,
+            "leftover_processes_killed": self.leftover_processes_killed,
+        }
+
+
+@dataclass
+class SideResult:
+    """The runs at one side (base or head). ``command`` is None when ``setup`` failed."""
+
+    label: str
+    setup: CommandResult | None
+    command: CommandResult | None
+    regression: CommandResult | None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready summary of the three runs."""
+        return {
+            "label": self.label,
+            "setup": None if self.setup is None else self.setup.to_dict(),
+            "command": None if self.command is None else self.command.to_dict(),
+            "regression": None if self.regression is None else self.regression.to_dict(),
+        }
+
+
+# ---------------------------------------------------------------------------------------
+# JUnit XML
+
+
+MAX_REPORT_BYTES = 50 * 1024 * 1024
+
+
+class ReportError(ValueError):
+    """A JUnit report exists but is not one cage can trust (malformed, too big, DTD...)."""
+
+
+def parse_junit(data: bytes) -> TestReport:
+    """Parse JUnit XML (pytest xunit2 or xunit1, nested ``<testsuites>``) into a TestReport.
+
+    Refuses documents that are not UTF-8, contain NUL, or declare a DOCTYPE or ENTITY (no
+    DTD means no entity expansion, so no "billion laughs"). The parser is forced to UTF-8
+    whatever the XML declaration says, so the check above sees what the parser sees.
+    Raises ReportError.
+    """
+    if len(data) > MAX_REPORT_BYTES:
+        raise ReportError(f"report is larger than {MAX_REPORT_BYTES} bytes")
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ReportError(f"report is not UTF-8 ({exc.reason} at byte {exc.start})") from None
+    if "\x00" in text:
+        raise ReportError("report contains a NUL character (not UTF-8 XML)")
+    folded = text.upper()
+    for marker in ("<!DOCTYPE", "<!ENTITY"):
+        if marker in folded:
+            raise ReportError(f"report declares {marker[2:]}: refused (entity expansion)")
+    parser = ET.XMLParser(encoding="utf-8")
+    try:
+        parser.feed(text.encode("utf-8"))
+        root = parser.close()
+    except ET.ParseError as exc:
+        raise ReportError(f"report is not well-formed XML ({exc})") from None
+    if root.tag not in ("testsuites", "testsuite"):
+        raise ReportError(f"report root is <{root.tag}>, not <testsuites> or <testsuite>")
+    cases: dict[str, str] = {}
+    for case in root.iter("testcase"):
+        name = case.get("name")
+        if not name:
+            raise ReportError("report has a <testcase> without a name")
+        classname = case.get("classname") or ""
+        test_id = f"{classname}::{name}" if classname else name
+        outcome = _case_outcome(case)
+        previous = cases.get(test_id)
+        if previous is None or _SEVERITY[outcome] > _SEVERITY[previous]:
+            cases[test_id] = outcome
+    return TestReport(cases=cases)
+
+
+_CHILD_OUTCOMES = {"error": "error", "failure": "failed", "skipped": "skipped"}
+
+
+def _case_outcome(case: ET.Element) -> str:
+    # A case can carry several results (a failure in the call and an error in teardown):
+    # the worst one counts.
+    outcome = "passed"
+    for child in case:
+        found = _CHILD_OUTCOMES.get(child.tag)
+        if found is not None and _SEVERITY[found] > _SEVERITY[outcome]:
+            outcome = found
+    return outcome
+
+
+def read_report(path: Path) -> tuple[TestReport | None, str | None]:
+    """Read the report at ``path``: ``(None, None)`` when there is none, ``(report, None)``
+    when it parses, ``(None, message)`` when it exists but cannot be trusted. Symlinks and
+    non-regular files are refused (product code could point the path elsewhere)."""
+    try:
+        fd = os.open(
+            path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+        )
+    except FileNotFoundError:
+        return None, None
+    except OSError as exc:
+        if path.is_symlink():
+            return None, f"{path}: report is a symbolic link: refused"
+        return None, f"{path}: cannot open report ({exc.strerror})"
+    with os.fdopen(fd, "rb") as handle:
+        info = os.fstat(handle.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            return None, f"{path}: report is not a regular file: refused"
+        if info.st_size > MAX_REPORT_BYTES:
+            return None, f"{path}: report is larger than {MAX_REPORT_BYTES} bytes: refused"
+        data = handle.read(MAX_REPORT_BYTES + 1)
+    try:
+        return parse_junit(data), None
+    except ReportError as exc:
+        return None, f"{path}: {exc}"
+
+
+# ---------------------------------------------------------------------------------------
+# Processes
+
+
+PR_SET_CHILD_SUBREAPER = 36
+TERM_GRACE_S = 2.0  # after a timeout: SIGTERM, this long to exit, then SIGKILL
+KILL_DEADLINE_S = 5.0  # SIGKILL rounds give up after this (a process stuck in the kernel)
+
+_subreaper: bool | None = None
+_run_lock = threading.Lock()
+
+
+def _become_subreaper() -> bool:
+    """Make this process the child subreaper (Linux), once. Orphans of the commands are
+    then re-parented to cage, not init, so cleanup can find setsid escapers and double
+    forks. Harmless elsewhere: returns False."""
+    global _subreaper
+    if _subreaper is None:
+        _subreaper = False
+        if sys.platform.startswith("linux"):
+            try:
+                libc = ctypes.CDLL(None, use_errno=True)
+                _subreaper = libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+            except (OSError, AttributeError):
+                _subreaper = False
+    return _subreaper
+
+
+def _identity(proc: psutil.Process) -> tuple[int, float] | None:
+    import psutil
+
+    try:
+        return proc.pid, proc.create_time()
+    except psutil.Error:
+        return None
+
+
+def _command_processes(
+    shell_pid: int, known_children: set[tuple[int, float]]
+) -> list[psutil.Process]:
+    """Every process that the command started and that still exists (zombies included):
+    cage's direct children that did not exist before the command (the shell and the
+    orphans re-parented to cage), all their descendants, and members of the command's
+    session found elsewhere (without a subreaper, orphans go to init)."""
+    import psutil
+
+    me = psutil.Process()
+    found: dict[int, psutil.Process] = {}
+    for child in me.children():
+        ident = _identity(child)
+        if ident is None or ident in known_children:
+            continue
+        found[child.pid] = child
+        try:
+            for descendant in child.children(recursive=True):
+                found[descendant.pid] = descendant
+        except psutil.Error:
+            pass
+    if not _subreaper:
+        for proc in psutil.process_iter():
+            with contextlib.suppress(OSError):
+                if proc.pid not in found and os.getsid(proc.pid) == shell_pid:
+                    found[proc.pid] = proc
+    return list(found.values())
+
+
+def _signal_all(procs: list[psutil.Process], shell_pid: int, sig: int) -> None:
+    import psutil
+
+    with contextlib.suppress(OSError):
+        os.killpg(shell_pid, sig)  # the shell is unreaped, so its group id is still ours
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            proc.send_signal(sig)
+
+
+def _split_live(procs: list[psutil.Process], shell_pid: int) -> list[psutil.Process]:
+    """Reap the zombies among ``procs`` that are cage's children (never the shell, whose
+    status ``Popen`` collects) and return the processes still alive."""
+    import psutil
+
+    live = []
+    for proc in procs:
+        try:
+            zombie = proc.status() == psutil.STATUS_ZOMBIE
+        except psutil.Error:
+            continue
+        if not zombie:
+            live.append(proc)
+        elif proc.pid != shell_pid:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(proc.pid, os.WNOHANG)
+    return live
+
+
+def _kill_everything(
+    shell: subprocess.Popen,
+    known_children: set[tuple[int, float]],
+    killed: set[tuple[int, float]] | None = None,
+) -> int:
+    """SIGKILL the command's whole tree in rounds until nothing of it is alive or unreaped
+    (a process forking during a round is found in the next one). Returns how many
+    processes other than the shell were ended, counting those already in ``killed``."""
+    import psutil
+
+    killed = set() if killed is None else killed
+    deadline = time.monotonic() + KILL_DEADLINE_S
+    while True:
+        procs = _command_processes(shell.pid, known_children)
+        live = _split_live(procs, shell.pid)
+        others = [p for p in procs if p.pid != shell.pid]
+        if not live and not others:
+            break
+        _signal_all(live, shell.pid, signal.SIGKILL)
+        for proc in live:
+            ident = _identity(proc)
+            if ident is not None and proc.pid != shell.pid:
+                killed.add(ident)
+        if time.monotonic() > deadline:
+            break
+        waiting = [p for p in live if p.pid != shell.pid]
+        if waiting:
+            psutil.wait_procs(waiting, timeout=0.2)  # reaps those that are our children
+        else:
+            time.sleep(0.005)  # zombies whose parent is dying re-parent to cage shortly
+    return len(killed)
+
+
+def _terminate_then_kill(shell: subprocess.Popen, known_children: set[tuple[int, float]]) -> int:
+    """After a timeout: SIGTERM the whole tree, allow TERM_GRACE_S, then SIGKILL."""
+    procs = _command_processes(shell.pid, known_children)
+    live = _split_live(procs, shell.pid)
+    others = (p for p in live if p.pid != shell.pid)
+    terminated = {ident for ident in map(_identity, others) if ident is not None}
+    _signal_all(live, shell.pid, signal.SIGTERM)
+    grace_end = time.monotonic() + TERM_GRACE_S
+    while time.monotonic() < grace_end:
+        if not _split_live(_command_processes(shell.pid, known_children), shell.pid):
+            break
+        time.sleep(0.05)
+    # What SIGTERM ended counts too: every process other than the shell is a leftover.
+    return _kill_everything(shell, known_children, terminated)
+
+
+def _wait_for_exit(proc: subprocess.Popen, timeout_s: float) -> bool:
+    """Wait until ``proc`` exits, without reaping it (its pid must stay reserved while we
+    signal its process group). True when it exited, False on timeout."""
+    deadline = time.monotonic() + timeout_s
+    pidfd = -1
+    if hasattr(os, "pidfd_open"):
+        with contextlib.suppress(OSError):
+            pidfd = os.pidfd_open(proc.pid)
+    if pidfd >= 0:
+        try:
+            poller = select.poll()
+            poller.register(pidfd, select.POLLIN)
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                if poller.poll(max(1, int(remaining * 1000))):
+                    return True
+        finally:
+            os.close(pidfd)
+    delay = 0.001
+    while True:
+        if hasattr(os, "waitid"):
+            if os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT):
+                return True
+        elif proc.poll() is not None:  # no waitid: reaping here is the best we can do
+            return True
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return False
+        time.sleep(min(delay, remaining))
+        delay = min(delay * 2, 0.05)
+
+
+def _pytest_addopts(report_path: Path, cache_dir: Path) -> str:
+    # pytest splits PYTEST_ADDOPTS with shlex, so quote paths (temp dirs may hold spaces).
+    # The cache goes outside the worktree, fresh per run (nothing from an earlier run, such
+    # as --lf state, carries over); -p no:cacheprovider would break commands using --lf.
+    options = [
+        f"--junitxml={report_path}",
+        "-o",
+        "junit_family=xunit2",
+        "-o",
+        "junit_logging=no",
+        "-o",
+        f"cache_dir={cache_dir}",
+    ]
+    return " ".join(shlex.quote(option) for option in options)
+
+
+def _remove_stale(log_dir: Path, name: str) -> None:
+    # Reports and caches of earlier runs of this name: never evidence for this one.
+    for stale in log_dir.glob(f"{name}-junit*"):
+        if stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                stale.unlink()
+
+
+def run_command(
+    name: str, command: str, cwd: Path, timeout_s: float, log_dir: Path
+) -> CommandResult:
+    """Run ``command`` with ``/bin/sh -c`` in ``cwd`` and return what happened.
+
+    The environment is ``scrubbed_env()`` plus a ``PYTEST_ADDOPTS`` that points pytest's
+    JUnit report at a fresh random path in ``log_dir`` (keep ``log_dir`` outside the
+    worktree). stdout and stderr go to ``log_dir/<name>-stdout.log`` and ``-stderr.log``.
+    The command gets its own session; when it exits every process it started is killed
+    (SIGKILL) and reaped, including ``setsid`` escapers and double forks on Linux. After
+    ``timeout_s`` the whole tree gets SIGTERM, then SIGKILL 2 s later; ``timed_out`` is
+    True and ``exit_code`` None. On KeyboardInterrupt the tree is killed and the interrupt
+    re-raised. Raises CageError when the command cannot be started at all.
+    """
+    import psutil
+
+    log_dir = Path(log_dir)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    _remove_stale(log_dir, name)
+    token = secrets.token_hex(8)
+    report_path = log_dir / f"{name}-junit-{token}.xml"
+    cache_dir = log_dir / f"{name}-junit-{token}.cache"
+    stdout_path = log_dir / f"{name}-stdout.log"
+    stderr_path = log_dir / f"{name}-stderr.log"
+
+    env = scrubbed_env()
+    env["PYTEST_ADDOPTS"] = _pytest_addopts(report_path, cache_dir)
+
+    with _run_lock:
+        _become_subreaper()
+        known_children = {
+            ident for ident in map(_identity, psutil.Process().children()) if ident is not None
+        }
+        started = time.monotonic()
+        with open(stdout_path, "wb") as out, open(stderr_path, "wb") as err:
+            try:
+                shell = subprocess.Popen(
+                    ["/bin/sh", "-c", command],
+                    cwd=cwd,
+                    env=env,
+                    stdin=subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=err,
+                    start_new_session=True,
+                )
+            except OSError as exc:
+                raise CageError(
+                    f"cannot start {name} command {command!r} in {cwd}: {exc.strerror}; "
+                    "check that the directory exists and /bin/sh is available"
+                ) from None
+        timed_out = False
+        try:
+            exited = _wait_for_exit(shell, timeout_s)
+            if exited:
+                leftovers = _kill_everything(shell, known_children)
+            else:
+                timed_out = True
+                leftovers = _terminate_then_kill(shell, known_children)
+        except BaseException:
+            # Ctrl-C (or any error) while waiting: nothing the command started may outlive us.
+            _kill_everything(shell, known_children)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                shell.wait(timeout=KILL_DEADLINE_S)
+            raise
+        returncode = shell.wait()
+        duration = time.monotonic() - started
+
+    report, report_error = read_report(report_path)
+    return CommandResult(
+        name=name,
+        command=command,
+        exit_code=None if timed_out else returncode,
+        timed_out=timed_out,
+        duration_s=duration,
+        stdout_path=stdout_path,
+        stderr_path=stderr_path,
+        report=report,
+        report_error=report_error,
+        leftover_processes_killed=leftovers,
+        report_path=report_path,
+    )
+
+
+def run_side(label: str, workdir: Path, verification: Verification, log_dir: Path) -> SideResult:
+    """Run ``setup`` (when given), ``command``, then ``regression`` (when given) in
+    ``workdir``, each with ``verification.timeout_seconds``, logs in ``log_dir/<label>``.
+    A failed or timed-out setup stops the side: ``command`` and ``regression`` stay None.
+    ``regression`` runs whatever ``command`` did (at base the command is meant to fail)."""
+    side_dir = Path(log_dir) / label
+    timeout = float(verification.timeout_seconds)
+    setup = None
+    if verification.setup:
+        setup = run_command("setup", verification.setup, workdir, timeout, side_dir)
+        if not setup.succeeded:
+            return SideResult(label=label, setup=setup, command=None, regression=None)
+    command = run_command("command", verification.command, workdir, timeout, side_dir)
+    regression = None
+    if verification.regression:
+        regression = run_command("regression", verification.regression, workdir, timeout, side_dir)
+    return SideResult(label=label, setup=setup, command=command, regression=regression)
