@@ -1,0 +1,1197 @@
+"""Scan changed Python source for code that reaches into the verifier at run time.
+
+Product code is imported inside the test process, so a one-file change under ``src/`` can
+forge what the test run reports: end the process with status 0 before pytest writes its
+report, patch the test framework, detect the test run and behave differently, or make a
+value that compares equal to anything. This module parses the new version of a changed file
+with :mod:`ast` and reports such code, but only where the change adds or alters it: a
+finding is kept when its enclosing unit (innermost function or class, else the module-level
+statement) overlaps a changed line. Patterns are data (``RULES``); docs/tamper.md explains
+each one, the attack it stops and what it does not catch.
+
+Standard library only: the CI gate imports this module on its hot path.
+"""
+
+from __future__ import annotations
+
+import ast
+import bisect
+import difflib
+import re
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+
+__all__ = ["MAX_SCAN_BYTES", "RULES", "Rule", "TamperFinding", "is_python_path", "scan_change"]
+
+# A product source file larger than this is not parsed; it is reported instead, because a
+# scanner that silently gives up would be the easiest way around it.
+MAX_SCAN_BYTES = 2 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class TamperFinding:
+    """One piece of changed code that reaches into the verifier."""
+
+    path: str
+    line: int
+    code: str  # stable snake_case, one of RULES' codes
+    message: str
+
+
+# --------------------------------------------------------------------------------------
+# Names the rules look for (data).
+
+# Top-level modules of the test harness. Product code has no business importing them.
+TEST_FRAMEWORK_MODULES = frozenset(
+    {"pytest", "_pytest", "pluggy", "py", "xdist", "unittest", "mock", "nose", "nose2"}
+)
+# Calls that end (or replace) the process and bypass pytest's exception handling.
+HARD_EXITS = frozenset(
+    {
+        "os._exit",
+        "posix._exit",
+        "os.abort",
+        "signal.raise_signal",
+        "signal.pthread_kill",
+        *(f"os.exec{s}" for s in ("l", "le", "lp", "lpe", "v", "ve", "vp", "vpe")),
+    }
+)
+# Calls that end the process by raising SystemExit (caught by pytest inside a test, but not
+# at import time or in an exit hook).
+SOFT_EXITS = frozenset(
+    {"sys.exit", "exit", "quit", "builtins.exit", "builtins.quit", "_thread.interrupt_main"}
+)
+KILLS = frozenset({"os.kill", "os.killpg"})
+FORKS = frozenset({"os.fork", "os.forkpty", "pty.fork", "os.register_at_fork"})
+SPAWNS = frozenset(
+    {
+        *(f"subprocess.{n}" for n in ("run", "call", "check_call", "check_output", "Popen")),
+        "subprocess.getoutput",
+        "subprocess.getstatusoutput",
+        "os.system",
+        "os.popen",
+        "os.posix_spawn",
+        "os.posix_spawnp",
+        *(f"os.spawn{s}" for s in ("l", "le", "lp", "lpe", "v", "ve", "vp", "vpe")),
+        "pty.spawn",
+        "multiprocessing.Process",
+        "asyncio.create_subprocess_exec",
+        "asyncio.create_subprocess_shell",
+        *FORKS,
+    }
+)
+# Registrars whose callable runs later, outside the test's control: at exit, on a signal,
+# on garbage collection, in a timer thread, or for an uncaught exception.
+HOOK_REGISTRARS = frozenset(
+    {
+        "atexit.register",
+        "signal.signal",
+        "weakref.finalize",
+        "os.register_at_fork",
+        "threading.Timer",
+        "threading.Thread",
+        "sys.addaudithook",
+    }
+)
+HOOK_ATTRIBUTES = frozenset(
+    {"sys.excepthook", "threading.excepthook", "sys.unraisablehook", "sys.displayhook"}
+)
+CI_ENV_EXACT = frozenset(
+    {
+        "CI",
+        "CONTINUOUS_INTEGRATION",
+        "BUILD_NUMBER",
+        "GITLAB_CI",
+        "CIRCLECI",
+        "TRAVIS",
+        "JENKINS_URL",
+        "BUILDKITE",
+        "TF_BUILD",
+        "TEAMCITY_VERSION",
+        "APPVEYOR",
+    }
+)
+CI_ENV_PREFIXES = ("GITHUB_", "RUNNER_", "ACTIONS_", "CAGE_")
+PYTEST_ENV_RE = re.compile(r"^_?PYTEST(_[A-Z0-9_]*)?$")
+HARNESS_FILE_RE = re.compile(
+    r"junit|\.pytest_cache|conftest|sitecustomize|usercustomize|pytest\.ini|\.runcap"
+    r"|\.pth$|(report|result|test)[^/\\]*\.xml$",
+    re.IGNORECASE,
+)
+FRAME_CALLS = frozenset(
+    {
+        "sys._getframe",
+        "sys._current_frames",
+        "inspect.currentframe",
+        "inspect.stack",
+        "inspect.trace",
+        "inspect.getouterframes",
+        "inspect.getinnerframes",
+        "traceback.walk_stack",
+    }
+)
+FRAME_ATTRIBUTES = frozenset(
+    {"f_back", "f_locals", "f_globals", "f_builtins", "tb_frame", "gi_frame", "cr_frame"}
+)
+TRACER_CALLS = frozenset(
+    {
+        "sys.settrace",
+        "sys.setprofile",
+        "sys.call_tracing",
+        "sys.addaudithook",
+        "threading.settrace",
+        "threading.setprofile",
+        "threading.settrace_all_threads",
+        "threading.setprofile_all_threads",
+        "sys.monitoring.use_tool_id",
+        "sys.monitoring.register_callback",
+        "sys.monitoring.set_events",
+        "sys.monitoring.set_local_events",
+    }
+)
+HEAP_CALLS = frozenset({"gc.get_objects", "gc.get_referrers", "gc.get_referents"})
+CODE_OBJECT_CALLS = frozenset(
+    {"types.FunctionType", "types.LambdaType", "types.CodeType", "marshal.loads"}
+)
+CODE_OBJECT_ATTRIBUTES = frozenset({"__code__", "__defaults__", "__kwdefaults__"})
+CTYPES_INTERNALS = frozenset({"pythonapi", "py_object", "memmove", "memset", "from_address"})
+SITE_NAMES = frozenset(
+    {
+        "site.getsitepackages",
+        "site.getusersitepackages",
+        "site.addsitedir",
+        "site.USER_SITE",
+        "site.USER_BASE",
+        "site.ENABLE_USER_SITE",
+    }
+)
+DECODERS = re.compile(
+    r"^(base64\.\w*decode\w*|codecs\.decode|zlib\.decompress|bz2\.decompress|"
+    r"lzma\.decompress|gzip\.decompress|binascii\.\w+|marshal\.loads|pickle\.loads|"
+    r"bytes\.fromhex|bytes|bytearray|chr|reversed)$"
+)
+RUNTIME_MODULES = frozenset(
+    {
+        "os",
+        "posix",
+        "sys",
+        "builtins",
+        "signal",
+        "atexit",
+        "gc",
+        "inspect",
+        "importlib",
+        "ctypes",
+        "_thread",
+        "threading",
+        "subprocess",
+        *TEST_FRAMEWORK_MODULES,
+    }
+)
+ENV_MUTATORS = frozenset(
+    {"update", "setdefault", "pop", "popitem", "clear", "__setitem__", "__delitem__"}
+)
+MAPPING_MUTATORS = ENV_MUTATORS
+LIST_MUTATORS = frozenset(
+    {"insert", "append", "extend", "remove", "pop", "clear", "__setitem__", "__iadd__"}
+)
+IMPORT_CALLS = frozenset({"__import__", "importlib.import_module", "importlib.__import__"})
+EXEC_CALLS = frozenset({"exec", "eval", "compile", "builtins.exec", "builtins.eval"})
+
+
+# --------------------------------------------------------------------------------------
+# What the rules see.
+
+
+@dataclass
+class Scope:
+    """Where a node executes: which function, which reporting unit, and when."""
+
+    func: ast.AST | None  # innermost FunctionDef / AsyncFunctionDef / Lambda
+    unit: tuple[int, int]  # lines of the innermost def or class, else module statement
+    import_time: bool  # runs while the module is imported
+
+
+@dataclass
+class Module:
+    """Facts about the whole file that rules need (aliases, local call graph)."""
+
+    aliases: dict[str, str] = field(default_factory=dict)
+    star_modules: set[str] = field(default_factory=set)
+    functions: dict[str, ast.AST] = field(default_factory=dict)  # top-level defs
+    forks: bool = False
+    renames_module: bool = False
+    import_reachable: set[str] = field(default_factory=set)
+    ending: dict[str, str] = field(default_factory=dict)  # function -> what ends the process
+    hooked: set[str] = field(default_factory=set)  # functions registered as hooks
+    writes_files: set[str] = field(default_factory=set)
+
+    def resolve(self, node: ast.AST) -> str | None:
+        """Canonical dotted name of an expression (aliases, getattr and imports undone)."""
+        parts: list[str] = []
+        while True:
+            if isinstance(node, ast.Attribute):
+                parts.append(node.attr)
+                node = node.value
+            elif isinstance(node, ast.Call) and _call_name_raw(node) == "getattr":
+                if len(node.args) < 2 or not _is_str(node.args[1]):
+                    return None
+                parts.append(node.args[1].value)  # type: ignore[attr-defined]
+                node = node.args[0]
+            elif isinstance(node, ast.Call) and self.resolve(node.func) in IMPORT_CALLS:
+                if not node.args or not _is_str(node.args[0]):
+                    return None
+                parts.append(node.args[0].value)  # type: ignore[attr-defined]
+                break
+            elif isinstance(node, ast.Name):
+                base = node.id
+                if base in self.aliases:
+                    parts.append(self.aliases[base])
+                elif base == "__builtins__":
+                    parts.append("builtins")
+                else:
+                    parts.append(self._star(base) or base)
+                break
+            else:
+                return None
+        return ".".join(reversed(parts))
+
+    def _star(self, name: str) -> str | None:
+        for module in self.star_modules:
+            candidate = f"{module}.{name}"
+            if candidate in HARD_EXITS or candidate in SOFT_EXITS or candidate in KILLS:
+                return candidate
+        return None
+
+    def exit_kind(self, call: ast.Call) -> str | None:
+        """The dotted name when ``call`` ends the process, else None."""
+        name = self.resolve(call.func)
+        if name in HARD_EXITS or name in SOFT_EXITS:
+            return name
+        if name in KILLS and call.args and self._is_own_process(call.args[0]):
+            return name
+        return None
+
+    def _is_own_process(self, node: ast.AST) -> bool:
+        if isinstance(node, ast.Constant) and node.value in (0, -1):
+            return True
+        if isinstance(node, ast.Call):
+            return self.resolve(node.func) in {"os.getpid", "os.getppid", "os.getpgrp"}
+        return False
+
+
+Matcher = Callable[[ast.AST, Scope, Module], "str | None"]
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One pattern: a stable code, what it catches, why it matters, and its matcher."""
+
+    code: str
+    catches: str
+    why: str
+    matcher: Matcher | None  # None: reported by scan_change itself, not per node
+
+
+# --------------------------------------------------------------------------------------
+# Small AST helpers.
+
+
+def _is_str(node: ast.AST) -> bool:
+    return isinstance(node, ast.Constant) and isinstance(node.value, str)
+
+
+def _call_name_raw(call: ast.Call) -> str | None:
+    return call.func.id if isinstance(call.func, ast.Name) else None
+
+
+def _span(node: ast.AST) -> tuple[int, int]:
+    start = node.lineno  # type: ignore[attr-defined]
+    for decorator in getattr(node, "decorator_list", ()):
+        start = min(start, decorator.lineno)
+    end = getattr(node, "end_lineno", None) or start
+    return start, end
+
+
+def _strings(node: ast.AST) -> Iterator[str]:
+    for sub in ast.walk(node):
+        if _is_str(sub):
+            yield sub.value  # type: ignore[attr-defined]
+
+
+def _is_main_guard(node: ast.AST) -> bool:
+    if not isinstance(node, ast.If) or not isinstance(node.test, ast.Compare):
+        return False
+    test = node.test
+    if len(test.ops) != 1 or not isinstance(test.ops[0], ast.Eq):
+        return False
+    sides = [test.left, test.comparators[0]]
+    has_name = any(isinstance(s, ast.Name) and s.id == "__name__" for s in sides)
+    has_main = any(isinstance(s, ast.Constant) and s.value == "__main__" for s in sides)
+    return has_name and has_main
+
+
+def _stores(node: ast.AST) -> list[ast.AST]:
+    """Targets an assignment-like statement writes or deletes."""
+    if isinstance(node, ast.Assign):
+        targets: list[ast.AST] = []
+        for target in node.targets:
+            targets.extend(_flatten(target))
+        return targets
+    if isinstance(node, (ast.AugAssign, ast.AnnAssign)):
+        return [node.target]
+    if isinstance(node, ast.Delete):
+        return list(node.targets)
+    return []
+
+
+def _flatten(target: ast.AST) -> list[ast.AST]:
+    if isinstance(target, (ast.Tuple, ast.List)):
+        out: list[ast.AST] = []
+        for element in target.elts:
+            out.extend(_flatten(element))
+        return out
+    if isinstance(target, ast.Starred):
+        return _flatten(target.value)
+    return [target]
+
+
+def _store_base(target: ast.AST) -> ast.AST:
+    """``a.b[c] = ...`` writes into ``a.b``; ``a.b = ...`` writes into ``a``."""
+    if isinstance(target, (ast.Attribute, ast.Subscript)):
+        return target.value
+    return target
+
+
+def _root(name: str | None) -> str:
+    return name.split(".", 1)[0] if name else ""
+
+
+def _mutates(node: ast.AST, module: Module, containers: set[str], methods: frozenset) -> str:
+    """Which of ``containers`` the node writes to, by store, del, setattr or method call."""
+    for target in _stores(node):
+        base = module.resolve(_store_base(target))
+        if base in containers:
+            return base
+        if isinstance(target, ast.Attribute):
+            full = module.resolve(target)
+            if full in containers:
+                return full
+    if isinstance(node, ast.Call):
+        func = node.func
+        if isinstance(func, ast.Attribute) and func.attr in methods:
+            base = module.resolve(func.value)
+            if base in containers:
+                return base
+        if module.resolve(func) in {"setattr", "delattr"} and len(node.args) >= 2:
+            base = module.resolve(node.args[0])
+            if _is_str(node.args[1]):
+                full = f"{base}.{node.args[1].value}"  # type: ignore[attr-defined]
+                if full in containers:
+                    return full
+            if base in containers:
+                return base
+    return ""
+
+
+def _is_docstring_expr(node: ast.AST) -> bool:
+    return isinstance(node, ast.Expr) and _is_str(node.value)
+
+
+# --------------------------------------------------------------------------------------
+# Matchers. Each returns the "what was found" half of the message, or None.
+
+
+def _m_imports_test_framework(node: ast.AST, scope: Scope, module: Module) -> str | None:
+    names: list[str] = []
+    if isinstance(node, ast.Import):
+        names = [alias.name for alias in node.names]
+    elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+        names = [node.module]
+    elif (
+        isinstance(node, ast.Call)
+        and module.resolve(node.func) in IMPORT_CALLS
+        and node.args
+        and _is_str(node.args[0])
+    ):
+        names = [node.args[0].value]  # type: ignore[attr-defined]
+    for name in names:
+        root = _root(name)
+        if root in TEST_FRAMEWORK_MODULES or root.startswith("pytest_"):
+            return f"imports {name}"
+    return None
+
+
+def _m_patches_test_framework(node: ast.AST, scope: Scope, module: Module) -> str | None:
+    for target in _stores(node):
+        if isinstance(target, ast.Name) and target.id == "AssertionError":
+            return "rebinds AssertionError"
+        if isinstance(target, (ast.Attribute, ast.Subscript)):
+            name = module.resolve(_store_base(target))
+            if _root(name) in TEST_FRAMEWORK_MODULES:
+                return f"writes into {name}"
+    if (
+        isinstance(node, ast.Call)
+        and module.resolve(node.func) in {"setattr", "delattr"}
+        and node.args
+        and _root(module.resolve(node.args[0])) in TEST_FRAMEWORK_MODULES
+    ):
+        return f"sets an attribute of {module.resolve(node.args[0])}"
+    return None
+
+
+def _names_test_framework(text: str) -> bool:
+    lowered = text.lower()
+    return "pytest" in lowered or lowered in {"unittest", "py.test", "xdist", "nose"}
+
+
+def _m_detects_test_run(node: ast.AST, scope: Scope, module: Module) -> str | None:
+    if _is_str(node) and PYTEST_ENV_RE.match(node.value):  # type: ignore[attr-defined]
+        return f"names the pytest variable {node.value!r}"  # type: ignore[attr-defined]
+    if isinstance(node, ast.Compare):
+        for operand in [node.left, *node.comparators]:
+            if _is_str(operand) and _names_test_framework(operand.value):  # type: ignore[attr-defined]
+                return f"compares against {operand.value!r}"  # type: ignore[attr-defined]
+    if (
+        isinstance(node, ast.Subscript)
+        and module.resolve(node.value) == "sys.modules"
+        and _is_str(node.slice)
+        and _names_test_framework(node.slice.value)  # type: ignore[attr-defined]
+    ):
+        return f"looks up sys.modules[{node.slice.value!r}]"  # type: ignore[attr-defined]
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+        probe = node.func.attr in {"get", "endswith", "startswith", "find", "index", "count"}
+        for arg in node.args[:1]:
+            if probe and _is_str(arg) and _names_test_framework(arg.value):  # type: ignore[attr-defined]
+                return f"probes for {arg.value!r}"  # type: ignore[attr-defined]
+    return None
+
+
+def _env_key(node: ast.AST, module: Module) -> ast.AST | None:
+    """The key expression of an environment read or write, if ``node`` is one."""
+    if isinstance(node, ast.Subscript) and module.resolve(node.value) == "os.environ":
+        return node.slice
+    if isinstance(node, ast.Call):
+        name = module.resolve(node.func)
+        env_methods = {f"os.environ.{m}" for m in ("get", "pop", "setdefault")}
+        if name in {"os.getenv", "os.putenv", "os.unsetenv", "os.environ.get"} | env_methods:
+            return node.args[0] if node.args else None
+    if (
+        isinstance(node, ast.Compare)
+        and len(node.ops) == 1
+        and isinstance(node.ops[0], (ast.In, ast.NotIn))
+        and module.resolve(node.comparators[0]) == "os.environ"
+    ):
+        return node.left
+    return None
+
+
+def _m_reads_ci_environment(node: ast.AST, scope: Scope, module: Module) -> str | None:
+    key = _env_key(node, module)
+    if key is not None and _is_str(key):
+        value = key.value  # type: ignore[attr-defined]
+        if value in CI_ENV_EXACT or value.startswith(CI_ENV_PREFIXES):
+            return f"reads the CI variable {value!r}"
+    return None
+
+
+def _m_mutates_environment_at_import(node: ast.AST, scope: Scope, module: Module) -> str | None:
+    if not scope.import_time:
+        return None
+    if _mutates(node, module, {"os.environ"}, ENV_MUTATORS):
+        return "changes os.environ at import time"
+    if isinstance(node, ast.Call) and module.resolve(node.func) in {"os.putenv", "os.unsetenv"}:
+        return f"calls {module.resolve(node.func)} at import time"
+    return None
+
+
+def _m_names_harness_file(node: ast.AST, scope: Scope, module: Module) -> str | None:
+    if _is_str(node) and HARNESS_FILE_RE.search(node.value):  # type: ignore[attr-defined]
+        return f"names the harness file {node.value[:60]!r}"  # type: ignore[attr-defined]
+    return None
+
+
+def _m_touches_site_packages(node: ast.AST, scope: Scope, module: Module) -> str | None:
+    if isinstance(node, (ast.Attribute, ast.Name)) and module.resolve(node) in SITE_NAMES:
+        return f"uses {module.resolve(node)}"
+    return None
+
+
+def _m_replaces_builtin(node: ast.AST, scope: Scope, module: Module) -> str | None:
+    containers = {"builtins", "builtins.__dict__"}
+    if isinstance(node, ast.Call) and module.resolve(node.func) == "vars":
+        return None
+    hit = _mutates(node, module, containers, MAPPING_MUTATORS)
+    if hit:
+        return f"writes into {hit}"
+    for target in _stores(node):
+        if isinstance(target, ast.Name) and target.id == "__builtins__":
+            return "rebinds __builtins__"
+    return None
+
+
+def _m_replaces_sys_module_entry(node: ast.AST, scope: Scope, module: Module) -> str | None:
+    hit = _mutates(node, module, {"sys.modules"}, MAPPING_MUTATORS)
+    return f"writes into {hit}" if hit else None
+
+
+def _m_installs_import_hook(node: ast.AST, scope: Scope, module: Module) -> str | None:
+    hooks = {"sys.meta_path", "sys.path_hooks", "sys.path_importer_cache"}
+    hit = _mutates(node, module, hooks, LIST_MUTATORS | MAPPING_MUTATORS)
+    return f"changes {hit}" if hit else None
+
+
+def _m_calls(names: frozenset, verb: str) -> Matcher:
+    def matcher(node: ast.AST, scope: Scope, module: Module) -> str | None:
+        if isinstance(node, ast.Call):
+            name = module.resolve(node.func)
+            if name in names:
+                return f"{verb} {name}"
+        return None
+
+    return matcher
+
+
+def _m_inspects_caller_frames(node: ast.AST, scope: Scope, module: Module) -> str | None:
+    if isinstance(node, ast.Attribute) and node.attr in FRAME_ATTRIBUTES:
+        return f"reads the frame attribute {node.attr}"
+    return _m_calls(FRAME_CALLS, "calls")(node, scope, module)
+
+
+def _m_replaces_code_object(node: ast.AST, scope: Scope, module: Module) -> str | None:
+    for target in _stores(node):
+        if isinstance(target, ast.Attribute) and target.attr in CODE_OBJECT_ATTRIBUTES:
+            return f"assigns {target.attr}"
+    if isinstance(node, ast.Call):
+        if module.resolve(node.func) in {"setattr"} and len(node.args) >= 2:
+            arg = node.args[1]
+            if _is_str(arg) and arg.value in CODE_OBJECT_ATTRIBUTES:  # type: ignore[attr-defined]
+                return f"sets {arg.value}"  # type: ignore[attr-defined]
+        if any(k.arg and k.arg.startswith("co_") for k in node.keywords):
+            return "rebuilds a code object (co_* keyword)"
+    return _m_calls(CODE_OBJECT_CALLS, "calls")(node, scope, module)
+
+
+def _m_ctypes_interpreter_access(node: ast.AST, scope: Scope, module: Module) -> str | None:
+    if isinstance(node, ast.Attribute) and node.attr in CTYPES_INTERNALS:
+        name = module.resolve(node)
+        if _root(name) in {"ctypes", "_ctypes"}:
+            return f"uses {name}"
+    if isinstance(node, (ast.Import, ast.ImportFrom)):
+        names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module]
+        if any(_root(n) == "_ctypes" for n in names if n):
+            return "imports _ctypes"
+    return None
+
+
+def _m_obfuscated_code_execution(node: ast.AST, scope: Scope, module: Module) -> str | None:
+    if not isinstance(node, ast.Call) or module.resolve(node.func) not in EXEC_CALLS:
+        return None
+    name = module.resolve(node.func)
+    if not node.args:
+        return None
+    source = node.args[0]
+    for sub in ast.walk(source):
+        if isinstance(sub, ast.Call):
+            inner = module.resolve(sub.func) or ""
+            method = sub.func.attr if isinstance(sub.func, ast.Attribute) else ""
+            if DECODERS.match(inner) or method in {"decode", "join", "translate", "replace"}:
+                return f"calls {name} on decoded or assembled text"
+    if scope.import_time and not _is_str(source):
+        return f"calls {name} on computed text at import time"
+    return None
+
+
+def _m_dynamic_import(node: ast.AST, scope: Scope, module: Module) -> str | None:
+    if not scope.import_time or not isinstance(node, ast.Call):
+        return None
+    if module.resolve(node.func) not in IMPORT_CALLS or not node.args:
+        return None
+    arg = node.args[0]
+    if _is_str(arg):
+        return None
+    # f"pkg.plugins.{name}" stays inside a named package: a plugin loader, not a disguise.
+    prefix = ""
+    if isinstance(arg, ast.JoinedStr) and arg.values and _is_str(arg.values[0]):
+        prefix = arg.values[0].value  # type: ignore[attr-defined]
+    elif isinstance(arg, ast.BinOp) and isinstance(arg.op, ast.Add) and _is_str(arg.left):
+        prefix = arg.left.value  # type: ignore[attr-defined]
+    if "." in prefix and not _names_test_framework(prefix.split(".")[0]):
+        return None
+    return "imports a module by a computed name at import time"
+
+
+def _m_ends_process_at_import(node: ast.AST, scope: Scope, module: Module) -> str | None:
+    if not scope.import_time:
+        return None
+    if isinstance(node, ast.Raise) and node.exc is not None:
+        exc = node.exc.func if isinstance(node.exc, ast.Call) else node.exc
+        if module.resolve(exc) in {"SystemExit", "KeyboardInterrupt", "builtins.SystemExit"}:
+            return f"raises {module.resolve(exc)} at import time"
+    if isinstance(node, ast.Call):
+        kind = module.exit_kind(node)
+        if kind:
+            return f"calls {kind} at import time"
+        callee = module.resolve(node.func)
+        if callee in module.ending:
+            return f"calls {callee}() at import time, which {module.ending[callee]}"
+    return None
+
+
+def _handler_verdict(handler: ast.AST, module: Module) -> str | None:
+    """Why a callable registered as a hook is dangerous, or None."""
+    name = module.resolve(handler)
+    if name in HARD_EXITS or name in SOFT_EXITS or name in KILLS:
+        return f"ends the process ({name})"
+    if name in module.ending:
+        return module.ending[name]
+    if name in module.writes_files:
+        return "writes files"
+    if isinstance(handler, ast.Lambda):
+        for sub in ast.walk(handler.body):
+            if isinstance(sub, ast.Call) and module.exit_kind(sub):
+                return f"ends the process ({module.exit_kind(sub)})"
+    return None
+
+
+def _hook_handlers(node: ast.AST, module: Module) -> Iterator[tuple[str, ast.AST]]:
+    if isinstance(node, ast.Call):
+        registrar = module.resolve(node.func)
+        if registrar in HOOK_REGISTRARS:
+            candidates = list(node.args)
+            candidates += [k.value for k in node.keywords if k.arg in {"target", "function"}]
+            for candidate in candidates:
+                yield registrar, candidate
+    elif isinstance(node, (ast.Assign, ast.AnnAssign)) and node.value is not None:
+        for target in _stores(node):
+            name = module.resolve(target)
+            if name in HOOK_ATTRIBUTES:
+                yield name, node.value
+
+
+def _m_ends_process_from_hook(node: ast.AST, scope: Scope, module: Module) -> str | None:
+    for registrar, handler in _hook_handlers(node, module):
+        why = _handler_verdict(handler, module)
+        if why:
+            return f"registers a handler with {registrar} that {why}"
+    in_hook = isinstance(scope.func, (ast.FunctionDef, ast.AsyncFunctionDef)) and (
+        scope.func.name == "__del__" or scope.func.name in module.hooked
+    )
+    if in_hook and isinstance(node, ast.Call) and module.exit_kind(node):
+        where = scope.func.name  # type: ignore[union-attr]
+        return f"calls {module.exit_kind(node)} in {where}(), which runs as a hook"
+    return None
+
+
+def _m_hard_exit_outside_child(node: ast.AST, scope: Scope, module: Module) -> str | None:
+    if scope.import_time or module.forks or not isinstance(node, ast.Call):
+        return None
+    kind = module.exit_kind(node)
+    if kind is None or kind in SOFT_EXITS:
+        return None
+    if kind in {"os._exit", "posix._exit"} and node.args:
+        status = node.args[0]
+        if isinstance(status, ast.Constant) and status.value not in (0, False, None):
+            return None  # a non-zero status cannot fake a pass
+    return f"calls {kind} in a module that never forks"
+
+
+def _m_spawns_process_at_import(node: ast.AST, scope: Scope, module: Module) -> str | None:
+    if scope.import_time and isinstance(node, ast.Call):
+        name = module.resolve(node.func)
+        if name in SPAWNS:
+            return f"calls {name} at import time"
+    return None
+
+
+def _m_parent_process_access(node: ast.AST, scope: Scope, module: Module) -> str | None:
+    if isinstance(node, ast.Call) and module.resolve(node.func) in {"os.getppid", "os.killpg"}:
+        return f"calls {module.resolve(node.func)}"
+    return None
+
+
+def _m_dynamic_attribute_on_runtime_module(
+    node: ast.AST, scope: Scope, module: Module
+) -> str | None:
+    if not isinstance(node, ast.Call) or len(node.args) < 2:
+        return None
+    verb = module.resolve(node.func)
+    if verb not in {"getattr", "setattr", "delattr", "hasattr"} or _is_str(node.args[1]):
+        return None
+    target = module.resolve(node.args[0])
+    if _root(target) in RUNTIME_MODULES:
+        return f"calls {verb} on {target} with a computed name"
+    return None
+
+
+def _m_always_equal(node: ast.AST, scope: Scope, module: Module) -> str | None:
+    constant_for = {"__eq__": True, "__ne__": False}
+    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name in constant_for:
+        body = [s for s in node.body if not _is_docstring_expr(s)]
+        if len(body) == 1 and isinstance(body[0], ast.Return):
+            value = body[0].value
+            if isinstance(value, ast.Constant) and value.value is constant_for[node.name]:
+                return f"{node.name} always returns {value.value}"
+    if isinstance(node, ast.Assign) and isinstance(node.value, ast.Lambda):
+        for target in node.targets:
+            if isinstance(target, ast.Name) and target.id in constant_for:
+                body = node.value.body
+                if isinstance(body, ast.Constant) and body.value is constant_for[target.id]:
+                    return f"{target.id} always returns {body.value}"
+    return None
+
+
+def _m_fakes_module_name(node: ast.AST, scope: Scope, module: Module) -> str | None:
+    for target in _stores(node):
+        if isinstance(target, ast.Name) and target.id == "__name__":
+            return "assigns __name__"
+    return None
+
+
+# --------------------------------------------------------------------------------------
+# The rule table.
+
+_PASS = "can make a failing test look passed"
+
+RULES: tuple[Rule, ...] = (
+    Rule(
+        "imports_test_framework",
+        "product code imports pytest, _pytest, pluggy, xdist, unittest, mock, py or nose",
+        f"the test framework's internals decide what counts as a pass; reaching them {_PASS}",
+        _m_imports_test_framework,
+    ),
+    Rule(
+        "patches_test_framework",
+        "assigns into the test framework (unittest.TestCase.assertEqual = ...) or "
+        "rebinds AssertionError",
+        f"a patched assertion never fails, which {_PASS}",
+        _m_patches_test_framework,
+    ),
+    Rule(
+        "detects_test_run",
+        "looks for pytest: PYTEST_* variables, 'pytest' in sys.modules or sys.argv",
+        "code that behaves differently under test passes the test without fixing anything",
+        _m_detects_test_run,
+    ),
+    Rule(
+        "reads_ci_environment",
+        "reads CI variables (CI, GITHUB_*, RUNNER_*, ACTIONS_*, CAGE_*, ...)",
+        "code that behaves differently in CI passes the gate without fixing anything",
+        _m_reads_ci_environment,
+    ),
+    Rule(
+        "mutates_environment_at_import",
+        "changes os.environ (or calls putenv/unsetenv) while the module is imported",
+        "the environment steers the harness (PYTEST_ADDOPTS, report paths) and its children",
+        _m_mutates_environment_at_import,
+    ),
+    Rule(
+        "names_harness_file",
+        "names a test report or harness file (junit, *.xml reports, .pytest_cache, "
+        "conftest, sitecustomize, *.pth, .runcap)",
+        "writing the report or a start-up hook from product code forges the evidence",
+        _m_names_harness_file,
+    ),
+    Rule(
+        "touches_site_packages",
+        "uses site-packages locations (site.getsitepackages, site.addsitedir, ...)",
+        "a file planted there runs at every interpreter start, including the verifier's",
+        _m_touches_site_packages,
+    ),
+    Rule(
+        "replaces_builtin",
+        "writes into builtins / __builtins__",
+        f"a replaced builtin changes how every test runs, which {_PASS}",
+        _m_replaces_builtin,
+    ),
+    Rule(
+        "replaces_sys_module_entry",
+        "writes into sys.modules",
+        f"swapping a module the tests import (or pytest itself) {_PASS}",
+        _m_replaces_sys_module_entry,
+    ),
+    Rule(
+        "installs_import_hook",
+        "changes sys.meta_path, sys.path_hooks or sys.path_importer_cache",
+        "an import hook can rewrite the test modules as they are imported",
+        _m_installs_import_hook,
+    ),
+    Rule(
+        "installs_tracer",
+        "sys.settrace, sys.setprofile, threading.settrace, sys.monitoring, audit hooks",
+        "a tracer sees and can alter every frame of the test run",
+        _m_calls(TRACER_CALLS, "calls"),
+    ),
+    Rule(
+        "inspects_caller_frames",
+        "sys._getframe, inspect.stack/currentframe, f_back, f_locals, f_globals",
+        "the caller's frame is the test: its locals and expected values can be read or changed",
+        _m_inspects_caller_frames,
+    ),
+    Rule(
+        "walks_heap",
+        "gc.get_objects, gc.get_referrers, gc.get_referents",
+        "walking the heap finds the test functions and the harness's objects to patch",
+        _m_calls(HEAP_CALLS, "calls"),
+    ),
+    Rule(
+        "replaces_code_object",
+        "assigns __code__/__defaults__, builds functions or code objects, marshal.loads",
+        "swapping a function's code replaces the tested or the testing function unseen",
+        _m_replaces_code_object,
+    ),
+    Rule(
+        "ctypes_interpreter_access",
+        "ctypes.pythonapi, py_object, memmove, memset, from_address, _ctypes",
+        "raw memory access can rewrite any object, including the harness's",
+        _m_ctypes_interpreter_access,
+    ),
+    Rule(
+        "obfuscated_code_execution",
+        "exec/eval/compile of decoded or assembled text, or of computed text at import time",
+        "hidden code escapes every other rule",
+        _m_obfuscated_code_execution,
+    ),
+    Rule(
+        "dynamic_import",
+        "__import__/importlib.import_module with a computed name at import time",
+        "a name built at run time hides an import of the test framework",
+        _m_dynamic_import,
+    ),
+    Rule(
+        "ends_process_at_import",
+        "sys.exit, os._exit, exit, os.exec*, a self-kill or raise SystemExit at import time "
+        "(module level, class body, decorators, or a local function called from there)",
+        "ending the process before pytest writes its report can fake a pass",
+        _m_ends_process_at_import,
+    ),
+    Rule(
+        "ends_process_from_hook",
+        "atexit/signal/weakref.finalize/Timer/Thread/excepthook handlers (and __del__) that "
+        "end the process or write files",
+        "an exit hook runs after the tests and can replace the exit status or the report",
+        _m_ends_process_from_hook,
+    ),
+    Rule(
+        "hard_exit_outside_child",
+        "os._exit(0), os.exec*, a self-kill in a function of a module that never forks",
+        "called from a test, it ends pytest with status 0 before the report is written",
+        _m_hard_exit_outside_child,
+    ),
+    Rule(
+        "spawns_process_at_import",
+        "subprocess, os.system, os.fork, os.spawn*, multiprocessing at import time",
+        "a process started at import outlives checks and can act on the harness",
+        _m_spawns_process_at_import,
+    ),
+    Rule(
+        "parent_process_access",
+        "os.getppid, os.killpg",
+        "the parent is the harness; product code has no reason to reach it",
+        _m_parent_process_access,
+    ),
+    Rule(
+        "dynamic_attribute_on_runtime_module",
+        "getattr/setattr/delattr/hasattr on os, sys, builtins, ... with a computed name",
+        "a computed attribute name hides a call such as os._exit from every other rule",
+        _m_dynamic_attribute_on_runtime_module,
+    ),
+    Rule(
+        "always_equal",
+        "__eq__ that is just 'return True' or __ne__ that is just 'return False'",
+        "a value equal to anything passes `assert f(x) == expected` without a fix",
+        _m_always_equal,
+    ),
+    Rule(
+        "fakes_module_name",
+        "assigns __name__",
+        "rebinding __name__ turns on code hidden behind `if __name__ == '__main__'`",
+        _m_fakes_module_name,
+    ),
+    Rule(
+        "shadows_test_framework_module",
+        "adds a Python module or package named like the test framework (pytest.py, _pytest/)",
+        "a module earlier on sys.path replaces the framework the tests import",
+        None,
+    ),
+    Rule(
+        "unparseable_python",
+        "a Python file that does not parse",
+        "code the scanner cannot read cannot be cleared; a human must look",
+        None,
+    ),
+    Rule(
+        "too_large_to_scan",
+        f"a Python file over {MAX_SCAN_BYTES} bytes",
+        "code the scanner does not read cannot be cleared; a human must look",
+        None,
+    ),
+)
+_RULES_BY_CODE = {rule.code: rule for rule in RULES}
+
+
+# --------------------------------------------------------------------------------------
+# Scanning.
+
+_PY_SUFFIXES = (".py", ".pyw")
+_SHEBANG_RE = re.compile(rb"^#![^\n]*\bpython[0-9.]*\b")
+
+
+def is_python_path(path: str, content: bytes = b"") -> bool:
+    """True for ``*.py``/``*.pyw`` files and files with a python shebang.
+
+    ``*.pyi`` stubs are skipped: the interpreter never executes them.
+    """
+    if path.lower().endswith(_PY_SUFFIXES):
+        return True
+    return bool(_SHEBANG_RE.match(content[:200]))
+
+
+_LINE_RE = re.compile(rb"\r\n|\r|\n")
+
+
+def _lines(data: bytes) -> list[bytes]:
+    # The same line breaks as Python's tokenizer, so numbers match ast's lineno.
+    return _LINE_RE.split(data)
+
+
+def changed_lines(old: bytes | None, new: bytes) -> set[int] | None:
+    """1-based lines of ``new`` the change adds or alters; None means every line."""
+    if old is None:
+        return None
+    old_lines, new_lines = _lines(old), _lines(new)
+    changed: set[int] = set()
+    matcher = difflib.SequenceMatcher(None, old_lines, new_lines, autojunk=False)
+    for tag, _i1, _i2, j1, j2 in matcher.get_opcodes():
+        if tag == "equal":
+            continue
+        if j1 == j2:
+            # A pure deletion alters the code around it (a removed `return` or guard).
+            changed.update({j1, j1 + 1})
+        else:
+            changed.update(range(j1 + 1, j2 + 1))
+    return changed
+
+
+def _finding(path: str, line: int, code: str, found: str) -> TamperFinding:
+    why = _RULES_BY_CODE[code].why
+    return TamperFinding(path, line, code, f"{path}:{line}: {found}: {why}")
+
+
+def _shadow_finding(path: str) -> TamperFinding | None:
+    parts = re.split(r"[/\\]", path)
+    stem = parts[-1].rsplit(".", 1)[0]
+    for part in [*parts[:-1], stem]:
+        if part in TEST_FRAMEWORK_MODULES or part == "conftest":
+            found = f"adds the module {part!r}"
+            return _finding(path, 1, "shadows_test_framework_module", found)
+    return None
+
+
+def _walk(tree: ast.Module, module: Module) -> Iterator[tuple[ast.AST, Scope]]:
+    """Every node with the scope it executes in (iterative: deep files cannot recurse)."""
+    stack: list[tuple[ast.AST, Scope]] = []
+    for statement in reversed(tree.body):
+        stack.append((statement, Scope(None, _span(statement), True)))
+    while stack:
+        node, scope = stack.pop()
+        yield node, scope
+        children: list[tuple[ast.AST, Scope]] = []
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            top_level = scope.func is None
+            inner = Scope(node, _span(node), top_level and node.name in module.import_reachable)
+            for name, value in ast.iter_fields(node):
+                target = inner if name == "body" else scope
+                children.extend((child, target) for child in _as_nodes(value))
+        elif isinstance(node, ast.Lambda):
+            inner = Scope(node, scope.unit, False)
+            children.append((node.args, scope))
+            children.append((node.body, inner))
+        elif isinstance(node, ast.ClassDef):
+            inner = Scope(scope.func, _span(node), scope.import_time)
+            for name, value in ast.iter_fields(node):
+                target = inner if name == "body" else scope
+                children.extend((child, target) for child in _as_nodes(value))
+        elif (
+            scope.func is None
+            and scope.import_time
+            and _is_main_guard(node)
+            and not module.renames_module
+        ):
+            assert isinstance(node, ast.If)
+            script = Scope(None, scope.unit, False)
+            children.append((node.test, scope))
+            children.extend((child, script) for child in node.body)
+            children.extend((child, scope) for child in node.orelse)
+        else:
+            children.extend((child, scope) for child in ast.iter_child_nodes(node))
+        stack.extend(reversed(children))
+
+
+def _as_nodes(value: object) -> Iterable[ast.AST]:
+    if isinstance(value, ast.AST):
+        return [value]
+    if isinstance(value, list):
+        return [v for v in value if isinstance(v, ast.AST)]
+    return []
+
+
+def _local_calls(node: ast.AST, module: Module) -> Iterator[str]:
+    for sub in ast.walk(node):
+        if (
+            isinstance(sub, ast.Call)
+            and isinstance(sub.func, ast.Name)
+            and sub.func.id in module.functions
+        ):
+            yield sub.func.id
+
+
+def _writes_files(func: ast.AST, module: Module) -> bool:
+    for sub in ast.walk(func):
+        if not isinstance(sub, ast.Call):
+            continue
+        name = module.resolve(sub.func) or ""
+        method = sub.func.attr if isinstance(sub.func, ast.Attribute) else ""
+        if method in {"write_text", "write_bytes"} or name in {
+            "os.replace",
+            "os.rename",
+            "shutil.copy",
+            "shutil.copyfile",
+            "shutil.move",
+        }:
+            return True
+        if name in {"open", "io.open"}:
+            mode = sub.args[1] if len(sub.args) > 1 else None
+            for keyword in sub.keywords:
+                if keyword.arg == "mode":
+                    mode = keyword.value
+            if mode is not None and (not _is_str(mode) or set(mode.value) & set("wax+")):  # type: ignore[attr-defined]
+                return True
+    return False
+
+
+def _module_facts(tree: ast.Module) -> Module:
+    """First pass: aliases, local functions, what they do, and what runs at import."""
+    module = Module()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.asname:
+                    module.aliases[alias.asname] = alias.name
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            for alias in node.names:
+                if alias.name == "*":
+                    module.star_modules.add(node.module)
+                else:
+                    module.aliases[alias.asname or alias.name] = f"{node.module}.{alias.name}"
+        elif isinstance(node, (ast.Assign, ast.AugAssign, ast.AnnAssign)) and any(
+            isinstance(t, ast.Name) and t.id == "__name__" for t in _stores(node)
+        ):
+            module.renames_module = True
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            module.functions[node.name] = node
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and module.resolve(node.func) in FORKS:
+            module.forks = True
+    # Functions that end the process, directly or through another local function.
+    for name, func in module.functions.items():
+        for sub in ast.walk(func):
+            if isinstance(sub, ast.Call) and module.exit_kind(sub):
+                module.ending[name] = f"ends the process ({module.exit_kind(sub)})"
+                break
+        if _writes_files(func, module):
+            module.writes_files.add(name)
+    changed = True
+    while changed:
+        changed = False
+        for name, func in module.functions.items():
+            if name in module.ending:
+                continue
+            for callee in _local_calls(func, module):
+                if callee in module.ending:
+                    module.ending[name] = f"calls {callee}(), which {module.ending[callee]}"
+                    changed = True
+                    break
+    # Local functions called (or used as decorators) while the module is imported.
+    pending: list[str] = []
+    for node, scope in _walk(tree, module):
+        if scope.import_time:
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
+                pending.append(node.func.id)
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                for decorator in node.decorator_list:
+                    base = decorator.func if isinstance(decorator, ast.Call) else decorator
+                    if isinstance(base, ast.Name):
+                        pending.append(base.id)
+        for _registrar, handler in _hook_handlers(node, module):
+            if isinstance(handler, ast.Name) and handler.id in module.functions:
+                module.hooked.add(handler.id)
+    while pending:
+        name = pending.pop()
+        if name in module.functions and name not in module.import_reachable:
+            module.import_reachable.add(name)
+            pending.extend(_local_calls(module.functions[name], module))
+    return module
+
+
+def scan_change(path: str, old: bytes | None, new: bytes) -> list[TamperFinding]:
+    """Findings for the code that the change from ``old`` to ``new`` adds or alters.
+
+    ``old`` is None for an added file. Files that are not Python give ``[]``. A Python file
+    that cannot be parsed, or is too large to scan, is itself a finding, so code cannot
+    hide by being unreadable.
+    """
+    if not is_python_path(path, new):
+        return []
+    findings: list[TamperFinding] = []
+    if old is None:
+        shadow = _shadow_finding(path)
+        if shadow:
+            findings.append(shadow)
+    if len(new) > MAX_SCAN_BYTES:
+        found = f"is {len(new)} bytes, over the scanner's limit of {MAX_SCAN_BYTES}"
+        return [*findings, _finding(path, 1, "too_large_to_scan", found)]
+    try:
+        tree = ast.parse(new, filename=path)
+    except SyntaxError as error:
+        line = error.lineno or 1
+        found = f"does not parse ({error.msg})"
+        return [*findings, _finding(path, line, "unparseable_python", found)]
+    except (ValueError, RecursionError, MemoryError) as error:
+        found = f"does not parse ({type(error).__name__})"
+        return [*findings, _finding(path, 1, "unparseable_python", found)]
+    changed = changed_lines(old, new)
+    if changed is not None and not changed:
+        return findings
+    module = _module_facts(tree)
+    docstrings = {
+        id(node.value)
+        for node in ast.walk(tree)
+        if _is_docstring_expr(node)  # type: ignore[attr-defined]
+    }
+    seen: set[tuple[int, str]] = set()
+    ordered = sorted(changed) if changed is not None else []
+    judged: dict[tuple[int, int], bool] = {}
+    for node, scope in _walk(tree, module):
+        if changed is not None:
+            if scope.unit not in judged:
+                first = bisect.bisect_left(ordered, scope.unit[0])
+                judged[scope.unit] = first < len(ordered) and ordered[first] <= scope.unit[1]
+            if not judged[scope.unit]:
+                continue
+        if id(node) in docstrings:
+            continue
+        for rule in RULES:
+            if rule.matcher is None:
+                continue
+            found = rule.matcher(node, scope, module)
+            if found is None:
+                continue
+            line = getattr(node, "lineno", scope.unit[0])
+            if (line, rule.code) in seen:
+                continue
+            seen.add((line, rule.code))
+            findings.append(_finding(path, line, rule.code, found))
+    findings.sort(key=lambda f: (f.line, f.code))
+    return findings
