@@ -1,16 +1,169 @@
-"""`cage import` (not built yet)."""
+"""`cage import claude-code|codex|jsonl [PATH ...]`: transcripts and logs -> the spend ledger.
+
+Translation only: the formats live in ``cage.importers``. Exit 0 when every file could be
+read (bad lines are reported and counted, never fatal); 1 when a path given or found could
+not be read at all, or when no input exists where the defaults point.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
+import sys
 
-from cage.errors import UsageError
+from cage.errors import TranscriptError
+
+# source -> (module under cage.importers, what PATH means, default location, help line)
+SOURCES: dict[str, tuple[str, str, str, str]] = {
+    "claude-code": (
+        "claude_code",
+        "DIR",
+        "$CLAUDE_CONFIG_DIR (comma list) else $XDG_CONFIG_HOME/claude (~/.config/claude) "
+        "and ~/.claude; projects/ under each",
+        "Claude Code transcripts: every *.jsonl under projects/",
+    ),
+    "codex": (
+        "codex",
+        "DIR",
+        "$CODEX_HOME/sessions else ~/.codex/sessions",
+        "Codex CLI rollouts: every rollout-*.jsonl (token_count events)",
+    ),
+    "jsonl": (
+        "jsonl",
+        "FILE",
+        "",
+        "AttributionEvent-style JSONL, one event object per line",
+    ),
+}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Configure the `import` command's arguments."""
+    """Configure the `import` command's arguments: one sub-command per source."""
+    sub = parser.add_subparsers(dest="source", metavar="SOURCE")
+    for name, (_module, metavar, default, help_line) in SOURCES.items():
+        description = help_line + "."
+        if default:
+            description += f" Default location: {default}."
+        description += (
+            " Incremental: a second import reads only what was appended since the first;"
+            " duplicates are skipped by request id."
+        )
+        p = sub.add_parser(name, help=help_line, description=description)
+        p.add_argument(
+            "paths",
+            nargs="+" if not default else "*",
+            metavar=metavar,
+            help="files or folders to import" + ("" if not default else " (default: see above)"),
+        )
+        p.add_argument(
+            "--ledger",
+            metavar="PATH",
+            help="ledger file (default: $CAGE_LEDGER or the user data dir)",
+        )
+        p.add_argument("--json", action="store_true", help="print one JSON document on stdout")
+        p.add_argument(
+            "--full",
+            action="store_true",
+            help="read every file from the start, ignoring the saved import state",
+        )
 
 
 def run(args: argparse.Namespace) -> int:
-    """Not built yet."""
-    raise UsageError("`cage import` is not available yet")
+    """Import one source into the ledger and print the report."""
+    import importlib
+    from pathlib import Path
+
+    from cage.errors import UsageError
+    from cage.importers.common import DedupWindow, ImportReport, Progress, StateStore, import_files
+    from cage.ledger import Ledger
+
+    if not getattr(args, "source", None):
+        raise UsageError("say what to import: cage import claude-code|codex|jsonl [PATH ...]")
+    module_name, _metavar, default_where, _help = SOURCES[args.source]
+    importer = importlib.import_module(f"cage.importers.{module_name}")
+    report = ImportReport(source=args.source)
+
+    if args.paths:
+        roots = []
+        for given in args.paths:
+            path = Path(given).expanduser()
+            if path.exists():
+                roots.append(path)
+            else:
+                report.fail(given, "no such file or directory")
+    else:
+        roots = importer.default_roots()
+        if not roots:
+            raise TranscriptError(
+                f"no {args.source} transcripts found (looked in {default_where}); "
+                f"pass the folder to import: cage import {args.source} DIR"
+            )
+
+    files: list[Path] = []
+    seen: set[str] = set()
+    for root in roots:
+        for path in importer.find_files(root, report):
+            key = str(path.resolve())
+            if key not in seen:
+                seen.add(key)
+                files.append(path)
+
+    ledger = Ledger.open(args.ledger)
+    state = StateStore(getattr(ledger, "path", None))
+    progress = Progress(_total_size(files), f"importing {args.source}")
+    try:
+        import_files(
+            importer.SOURCE,
+            files,
+            importer.FileParser,
+            _ledger_sink(ledger),
+            state,
+            report,
+            full=args.full,
+            window=DedupWindow() if args.source == "claude-code" else None,
+            progress=progress,
+        )
+    finally:
+        progress.finish()
+        state.close()
+        ledger.close()
+
+    if args.json:
+        document = report.to_dict()
+        document["ledger"] = getattr(ledger, "location", args.ledger)
+        print(json.dumps(document, indent=2))
+    else:
+        for line in report.text_lines():
+            print(line)
+    if report.failures:
+        if args.json:
+            for failure in report.failures:
+                print(f"cage: {failure}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _total_size(files: list) -> int:
+    total = 0
+    for path in files:
+        with contextlib.suppress(OSError):
+            total += path.stat().st_size
+    return total
+
+
+def _ledger_sink(ledger):  # type: ignore[no-untyped-def]
+    """A batch writer: event fields -> priced Events -> the ledger, one transaction a batch."""
+    from cage.ledger import Event
+    from cage.pricing import price_event
+
+    def sink(batch: list[dict]) -> tuple[int, int]:
+        events = []
+        for fields in batch:
+            event = Event(**fields)
+            if event.cost_usd is None:
+                event = price_event(event)
+            events.append(event)
+        return ledger.add_many(events)
+
+    return sink

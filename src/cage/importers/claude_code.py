@@ -1,0 +1,257 @@
+"""Claude Code transcripts (``projects/**/*.jsonl``) -> ledger events.
+
+One event per API response. An assistant line carries ``message.usage``; the same response
+is often written several times (one line per content block, and again in subagent or
+resumed-session files), so copies are merged on ``message.id`` + ``requestId``:
+
+- within a run, among copies seen close together, the best copy is kept: a non-sidechain
+  copy over a sidechain copy, then the largest token total, then one that names ``speed``
+  (ccusage's order, so our per-model totals match it);
+- across files and across runs the ledger's unique request id
+  ``claude-code:<message.id>:<requestId>`` keeps the first copy stored; subagent files are
+  read after the main session files so the main copy is normally the first.
+
+A line without ``message.id`` cannot be matched with its copies; it gets the stable id
+``claude-code:line:<uuid>`` (the line's own ``uuid``), or a hash of the line's bytes when it
+has none, so importing the same file again adds nothing.
+
+Counts only: model, token counts, ids, session, project folder, version, sidechain flag and
+speed. Never message content.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from cage.importers.common import (
+    BadLine,
+    ImportReport,
+    iter_files,
+    normalise_timestamp,
+    token_count,
+)
+
+SOURCE = "claude-code"
+PROVIDER = "anthropic"
+SYNTHETIC_MODEL = "<synthetic>"
+# Lines without this byte string carry no usage and are not parsed (most of a transcript).
+_USAGE_MARKER = b'"usage"'
+
+
+def default_roots(env: dict[str, str] | None = None) -> list[Path]:
+    """The ``projects`` folders Claude Code writes to, in the order they are searched.
+
+    ``$CLAUDE_CONFIG_DIR`` (comma-separated; each entry holds ``projects/`` or is it) when set,
+    else ``$XDG_CONFIG_HOME/claude`` (default ``~/.config/claude``) and ``~/.claude``.
+    Folders that do not exist are left out; duplicates are removed.
+    """
+    env = dict(os.environ) if env is None else env
+    home = Path(env.get("HOME") or Path.home())
+    configured = (env.get("CLAUDE_CONFIG_DIR") or "").strip()
+    if configured:
+        bases = [Path(p.strip()).expanduser() for p in configured.split(",") if p.strip()]
+    else:
+        xdg = (env.get("XDG_CONFIG_HOME") or "").strip()
+        bases = [Path(xdg) / "claude" if xdg else home / ".config" / "claude", home / ".claude"]
+    roots: list[Path] = []
+    seen: set[str] = set()
+    for base in bases:
+        candidate = base if base.name == "projects" and base.is_dir() else base / "projects"
+        if not candidate.is_dir():
+            continue
+        key = os.path.realpath(candidate)
+        if key not in seen:
+            seen.add(key)
+            roots.append(candidate)
+    return roots
+
+
+def find_files(root: Path, report: ImportReport) -> list[Path]:
+    """Every ``*.jsonl`` under ``root``, main session files before subagent files.
+
+    Reading subagent (sidechain) files last means the ledger, which keeps the first copy of
+    a response, normally keeps the main session's copy.
+    """
+    files = iter_files(root, "*.jsonl", report)
+    return sorted(files, key=lambda p: ("subagents" in p.parts, str(p)))
+
+
+def project_of(path: Path) -> str | None:
+    """The project folder: the first folder under ``projects/`` (None when not under one)."""
+    parts = path.parts
+    for i in range(len(parts) - 2, -1, -1):
+        if parts[i] == "projects":
+            return parts[i + 1] if i + 1 < len(parts) - 1 else None
+    return None
+
+
+class FileParser:
+    """Parses one transcript file line by line into ``(dedup_key, rank, event_fields)``."""
+
+    def __init__(self, path: Path, context: dict | None = None) -> None:
+        self.path = path
+        self.project = project_of(path)
+        self.session_from_path = (
+            path.parent.parent.name if path.parent.name == "subagents" else path.stem
+        )
+        self.skipped = 0
+        self.context: dict = {}  # nothing to carry between runs: each line stands alone
+
+    def parse(self, raw: bytes, line_no: int) -> list[tuple[Any, tuple, dict]]:
+        """Events on one line (zero or one); raises ``BadLine`` for an unusable line."""
+        if _USAGE_MARKER not in raw:
+            stripped = raw.strip()
+            if stripped and not (stripped.startswith(b"{") and stripped.endswith(b"}")):
+                raise BadLine("not a JSON object (malformed or truncated line)")
+            return []
+        try:
+            obj = json.loads(raw)
+        except ValueError as exc:
+            raise BadLine(f"malformed JSON ({_json_reason(exc)})") from None
+        if not isinstance(obj, dict):
+            raise BadLine(f"a JSON {type(obj).__name__}, not an object")
+        record = _usage_record(obj)
+        if record is None:
+            return []
+        message, usage, outer = record
+        model = message.get("model")
+        if model == SYNTHETIC_MODEL:
+            self.skipped += 1
+            return []
+        if not isinstance(model, str) or not model:
+            raise BadLine("message.model is missing or not a string")
+        input_tokens = token_count(usage, "input_tokens", "message.usage.")
+        output_tokens = token_count(usage, "output_tokens", "message.usage.")
+        cache_read = token_count(usage, "cache_read_input_tokens", "message.usage.")
+        extra: dict[str, Any] = {}
+        breakdown = usage.get("cache_creation")
+        if isinstance(breakdown, dict):
+            where = "message.usage.cache_creation."
+            w5m = token_count(breakdown, "ephemeral_5m_input_tokens", where)
+            w1h = token_count(breakdown, "ephemeral_1h_input_tokens", where)
+            cache_write = w5m + w1h
+            # Priced differently (1h writes cost more): kept for pricing and for reports.
+            extra["cache_write_5m_tokens"] = w5m
+            extra["cache_write_1h_tokens"] = w1h
+        elif breakdown is not None:
+            raise BadLine("message.usage.cache_creation is not an object")
+        else:
+            cache_write = token_count(usage, "cache_creation_input_tokens", "message.usage.")
+        timestamp = normalise_timestamp(outer.get("timestamp"))
+
+        message_id = _optional_str(message, "id", "message.id")
+        request_id = _optional_str(outer, "requestId", "requestId")
+        session = _optional_str(outer, "sessionId", "sessionId") or self.session_from_path
+        sidechain = outer.get("isSidechain") is True
+        speed = usage.get("speed")
+        cost = outer.get("costUSD")
+        if cost is not None and (
+            isinstance(cost, bool) or not isinstance(cost, (int, float)) or cost < 0
+        ):
+            raise BadLine("costUSD is not a non-negative number")
+
+        if message_id:
+            ledger_id = f"{SOURCE}:{message_id}:{request_id or '-'}"
+            key: Any = (message_id, request_id)
+        else:
+            line_uuid = obj.get("uuid")
+            if isinstance(line_uuid, str) and line_uuid:
+                ledger_id = f"{SOURCE}:line:{line_uuid}"
+            else:
+                digest = hashlib.sha256(raw.rstrip(b"\r\n")).hexdigest()[:32]
+                ledger_id = f"{SOURCE}:line:{digest}"
+            key = None
+        extra["session_id"] = session
+        if self.project:
+            extra["project"] = self.project
+        version = outer.get("version")
+        if isinstance(version, str):
+            extra["version"] = version
+        if sidechain:
+            extra["is_sidechain"] = True
+        if isinstance(speed, str):
+            extra["speed"] = speed
+        if message_id:
+            extra["message_id"] = message_id
+        if request_id:
+            extra["anthropic_request_id"] = request_id
+        if obj.get("isApiErrorMessage") is True:
+            extra["api_error"] = True
+
+        fields = {
+            "timestamp": timestamp,
+            "provider": PROVIDER,
+            "model": model,
+            "input_tokens": input_tokens,
+            "output_tokens": output_tokens,
+            "cache_read_tokens": cache_read,
+            "cache_write_tokens": cache_write,
+            "cost_usd": float(cost) if cost is not None else None,
+            "truth": "measured" if cost is not None else "estimated",
+            "request_id": ledger_id,
+            "source": SOURCE,
+            "extra": extra,
+        }
+        total = input_tokens + output_tokens + cache_read + cache_write
+        rank = (not sidechain, total, isinstance(speed, str))
+        return [(key, rank, fields)]
+
+
+def _usage_record(obj: dict) -> tuple[dict, dict, dict] | None:
+    """(message, usage, line carrying timestamp/ids) or None when the line has no usage.
+
+    Besides plain assistant lines, subagent progress lines (``type: "progress"``) nest a
+    replayed assistant line under ``data.message``; for some responses that copy is the only
+    one with complete usage.
+    """
+    message = obj.get("message")
+    if isinstance(message, dict) and "usage" in message:
+        usage = message["usage"]
+        if not isinstance(usage, dict):
+            raise BadLine("message.usage is not an object")
+        return message, usage, obj
+    if obj.get("type") == "progress":
+        data = obj.get("data")
+        inner = data.get("message") if isinstance(data, dict) else None
+        nested = inner.get("message") if isinstance(inner, dict) else None
+        if isinstance(nested, dict) and isinstance(nested.get("usage"), dict):
+            outer = dict(inner)
+            outer.setdefault("sessionId", obj.get("sessionId"))
+            outer.setdefault("version", obj.get("version"))
+            return nested, nested["usage"], outer
+    return None
+
+
+def _optional_str(mapping: dict, key: str, name: str) -> str | None:
+    value = mapping.get(key)
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise BadLine(f"{name} is a {type(value).__name__}, not a string")
+    return value
+
+
+def _json_reason(exc: ValueError) -> str:
+    if isinstance(exc, json.JSONDecodeError):
+        return f"{exc.msg} at column {exc.colno}"
+    return "not valid UTF-8"
+
+
+def parse_file(path: str | os.PathLike) -> Iterator[dict]:
+    """Every event field set in one transcript, copies not merged (pure: no ledger, no state).
+
+    Bad lines are skipped; use ``cage import claude-code`` for the accounting.
+    """
+    parser = FileParser(Path(path))
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, 1):
+            try:
+                for _key, _rank, fields in parser.parse(raw, number):
+                    yield fields
+            except BadLine:
+                continue

@@ -1,0 +1,603 @@
+"""What every importer shares: line reading, incremental state, bad-line accounting, progress.
+
+An importer turns a source file into ledger events, one line at a time. This module owns the
+parts that do not depend on the format:
+
+- ``read_complete_lines``: stream a file from a byte offset, yielding only complete lines, so
+  a line the writer has not finished yet is left for the next import;
+- ``StateStore``: per-file state (inode, size, mtime, bytes and lines consumed, parser context)
+  in an ``import_state`` table of the ledger's SQLite file, so a second import reads only the
+  new bytes;
+- ``DedupWindow``: keeps, among copies of the same call seen close together, the best one;
+- ``ImportReport``: counts and the first bad lines as ``file:line: why``;
+- ``Progress``: one line on stderr, rewritten in place, when stderr is a terminal.
+
+Nothing here stores or prints transcript text: a bad line is described by its position and
+the reason, never by its content.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import time
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, TextIO
+
+# At most this many bad lines are listed; the rest are counted.
+MAX_LISTED_ERRORS = 20
+# Events handed to the ledger per transaction; the file's state is saved after each batch.
+BATCH_SIZE = 5000
+
+
+class BadLine(Exception):
+    """A line that cannot be turned into an event; the message says why (never the content)."""
+
+
+@dataclass
+class LineError:
+    """One problem, located: ``file:line: message`` (line 0 when it concerns the whole file)."""
+
+    file: str
+    line: int
+    message: str
+
+    def __str__(self) -> str:
+        return (
+            f"{self.file}:{self.line}: {self.message}"
+            if self.line
+            else f"{self.file}: {self.message}"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form for ``--json``."""
+        return {"file": self.file, "line": self.line or None, "message": self.message}
+
+
+@dataclass
+class ImportReport:
+    """What one ``cage import`` run did."""
+
+    source: str
+    imported: int = 0
+    duplicates: int = 0
+    bad_lines: int = 0
+    skipped: int = 0  # lines that are not billable calls (e.g. Claude Code's <synthetic> model)
+    pending: int = 0  # files ending in an unfinished line, left for the next import
+    files: int = 0
+    files_unchanged: int = 0
+    bytes_read: int = 0
+    errors: list[LineError] = field(default_factory=list)
+    failures: list[LineError] = field(default_factory=list)  # unreadable files or directories
+
+    def bad(self, file: str, line: int, message: str) -> None:
+        """Count a bad line; keep its location and reason if fewer than the cap are listed."""
+        self.bad_lines += 1
+        if len(self.errors) < MAX_LISTED_ERRORS:
+            self.errors.append(LineError(file, line, message))
+
+    def fail(self, file: str, message: str) -> None:
+        """Record a file or directory that could not be read at all."""
+        self.failures.append(LineError(file, 0, message))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The ``--json`` document."""
+        return {
+            "source": self.source,
+            "imported": self.imported,
+            "duplicates": self.duplicates,
+            "bad_lines": self.bad_lines,
+            "skipped": self.skipped,
+            "pending": self.pending,
+            "files": self.files,
+            "files_unchanged": self.files_unchanged,
+            "bytes_read": self.bytes_read,
+            "errors": [e.to_dict() for e in self.errors],
+            "errors_not_listed": self.bad_lines - len(self.errors),
+            "failures": [e.to_dict() for e in self.failures],
+        }
+
+    def text_lines(self) -> list[str]:
+        """The human report: the summary line, then the listed problems."""
+        lines = [
+            f"imported {self.imported}, skipped duplicates {self.duplicates}, "
+            f"bad lines {self.bad_lines}"
+            + (f", not billable {self.skipped}" if self.skipped else "")
+            + f" ({self.files} files, {self.files_unchanged} unchanged since the last import)"
+        ]
+        lines.extend(str(e) for e in self.errors)
+        if self.bad_lines > len(self.errors):
+            lines.append(f"... and {self.bad_lines - len(self.errors)} more bad lines")
+        if self.pending:
+            lines.append(
+                f"{self.pending} file(s) end in an unfinished line; it is read by the next import"
+            )
+        lines.extend(str(e) for e in self.failures)
+        return lines
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+
+
+def read_complete_lines(
+    handle: Any, start_offset: int, start_line: int
+) -> Iterator[tuple[int, int, int, bytes]]:
+    """Yield ``(line_number, start_offset, end_offset, raw)`` for each complete line.
+
+    ``handle`` is a binary file already positioned at ``start_offset``. A final line without a
+    newline is yielded only when it is a complete JSON value (writers that omit the last
+    newline are common); otherwise it is unfinished, not yielded, and the caller's offset
+    stays before it, so nothing is lost when the writer completes it later.
+    """
+    offset = start_offset
+    number = start_line
+    for raw in handle:
+        number += 1
+        end = offset + len(raw)
+        if not raw.endswith(b"\n") and not _is_complete_json(raw):
+            return
+        yield number, offset, end, raw
+        offset = end
+
+
+def _is_complete_json(raw: bytes) -> bool:
+    try:
+        json.loads(raw)
+    except ValueError:
+        return False
+    return True
+
+
+def has_unfinished_tail(path: Path, offset: int) -> bool:
+    """True when bytes after ``offset`` exist but form no complete line yet."""
+    try:
+        return path.stat().st_size > offset
+    except OSError:
+        return False
+
+
+def iter_files(root: Path, pattern: str, report: ImportReport) -> list[Path]:
+    """Every file matching ``pattern`` under ``root`` (recursively), sorted, errors reported.
+
+    Unreadable directories are reported and skipped; the walk goes on.
+    """
+    found: list[Path] = []
+
+    def on_error(exc: OSError) -> None:
+        report.fail(str(exc.filename or root), f"cannot read directory: {exc.strerror or exc}")
+
+    if root.is_file():
+        return [root]
+    for dirpath, dirnames, filenames in os.walk(root, onerror=on_error, followlinks=False):
+        dirnames.sort()
+        for name in filenames:
+            if Path(name).match(pattern):
+                found.append(Path(dirpath) / name)
+    found.sort()
+    return found
+
+
+_ISO_Z = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,9})?Z\Z")
+
+
+def normalise_timestamp(value: Any) -> str:
+    """An ISO 8601 UTC timestamp ending in ``Z``; raises ``BadLine`` when unusable.
+
+    The common ``...Z`` form passes unchanged (fast path); an offset is converted to UTC;
+    a naive time is taken as UTC; a number is read as Unix seconds.
+    """
+    if isinstance(value, str):
+        if _ISO_Z.match(value):
+            return value
+        text = value.strip()
+        if text.endswith(("Z", "z")):
+            text = text[:-1] + "+00:00"
+        try:
+            parsed = datetime.fromisoformat(text)
+        except ValueError:
+            raise BadLine(f"timestamp {value[:40]!r} is not ISO 8601") from None
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        try:
+            parsed = datetime.fromtimestamp(float(value), tz=timezone.utc)
+        except (OverflowError, OSError, ValueError):
+            raise BadLine(f"timestamp {value!r} is out of range") from None
+    elif value is None:
+        raise BadLine("no timestamp")
+    else:
+        raise BadLine(f"timestamp is a {type(value).__name__}, not a string")
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=timezone.utc)
+    return (
+        parsed.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ").replace(".000000Z", "Z")
+    )
+
+
+def token_count(mapping: dict, key: str, where: str = "") -> int:
+    """A token count from ``mapping[key]``: absent or null is 0; else a non-negative integer.
+
+    Raises ``BadLine`` naming the field for a wrong type or a negative count. A float with an
+    integral value (``12.0``) is accepted, as JSON writers sometimes produce them.
+    """
+    value = mapping.get(key)
+    if value is None:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise BadLine(f"{where}{key} is a {type(value).__name__}, not a number")
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise BadLine(f"{where}{key} = {value} is not a whole number")
+        value = int(value)
+    if value < 0:
+        raise BadLine(f"{where}{key} = {value} is negative")
+    return value
+
+
+# ---------------------------------------------------------------------------------------------
+# Deduplication within a run
+
+
+class DedupWindow:
+    """Holds recent events by dedup key and keeps the best copy of each.
+
+    Streaming writers repeat the same call on neighbouring lines (Claude Code writes one line
+    per content block, each carrying the message's usage), so comparing copies within a
+    bounded window of recent keys finds the best copy without holding the whole run in
+    memory. A copy that arrives after its key left the window is passed on, and the ledger's
+    unique request id drops it (the ledger keeps the first copy it stored).
+    """
+
+    def __init__(self, size: int = 2048) -> None:
+        self.size = size
+        # key -> [rank, payload, first_line_start, first_line_number]
+        self._held: OrderedDict[Any, list] = OrderedDict()
+        self.merged = 0  # copies dropped here because a better or equal copy was held
+
+    def offer(self, key: Any, rank: tuple, payload: Any, line_start: int, line_no: int) -> list:
+        """Offer one copy; returns the payloads pushed out of the window (oldest first)."""
+        held = self._held.get(key)
+        if held is not None:
+            self.merged += 1
+            if rank > held[0]:
+                held[0] = rank
+                held[1] = payload
+            return []
+        self._held[key] = [rank, payload, line_start, line_no]
+        out = []
+        while len(self._held) > self.size:
+            _, entry = self._held.popitem(last=False)
+            out.append(entry[1])
+        return out
+
+    def drain(self) -> list:
+        """Every held payload, oldest first; the window is empty afterwards."""
+        out = [entry[1] for entry in self._held.values()]
+        self._held.clear()
+        return out
+
+    def oldest_position(self) -> tuple[int, int] | None:
+        """(byte offset, line number) just before the oldest held line, or None when empty.
+
+        Saved state must not move past a line whose event is still held here.
+        """
+        for entry in self._held.values():
+            return entry[2], entry[3] - 1
+        return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Incremental state
+
+
+@dataclass
+class FileState:
+    """How far a file has been imported."""
+
+    path: str
+    inode: int
+    size: int
+    mtime: float
+    offset: int = 0
+    line: int = 0
+    context: dict = field(default_factory=dict)  # parser state at ``offset`` (Codex totals, model)
+
+
+_STATE_SCHEMA = """
+CREATE TABLE IF NOT EXISTS import_state (
+    source TEXT NOT NULL,
+    path TEXT NOT NULL,
+    inode INTEGER NOT NULL,
+    size INTEGER NOT NULL,
+    mtime REAL NOT NULL,
+    offset INTEGER NOT NULL,
+    line INTEGER NOT NULL,
+    context TEXT NOT NULL DEFAULT '{}',
+    updated_at TEXT NOT NULL,
+    PRIMARY KEY (source, path)
+)
+"""
+
+
+class StateStore:
+    """Per-file import state in the ``import_state`` table of the ledger's SQLite file.
+
+    The importer owns this table (created here with ``CREATE TABLE IF NOT EXISTS``) and uses
+    its own connection, committing after the ledger has committed the events it covers, so
+    state never claims more than the ledger holds. Paths are stored resolved.
+    A ``None`` database (a non-SQLite ledger) keeps state in memory for this run only.
+    """
+
+    def __init__(self, db_path: str | os.PathLike | None) -> None:
+        import sqlite3
+
+        self._memory: dict[tuple[str, str], FileState] | None = None
+        self._conn = None
+        if db_path is None:
+            self._memory = {}
+            return
+        self._conn = sqlite3.connect(str(db_path), timeout=30.0, isolation_level=None)
+        self._conn.execute("PRAGMA busy_timeout = 30000")
+        self._conn.execute(_STATE_SCHEMA)
+
+    def get(self, source: str, path: str) -> FileState | None:
+        """The saved state of ``path`` for ``source``, or None."""
+        if self._memory is not None:
+            return self._memory.get((source, path))
+        row = self._conn.execute(
+            "SELECT inode, size, mtime, offset, line, context FROM import_state "
+            "WHERE source = ? AND path = ?",
+            (source, path),
+        ).fetchone()
+        if row is None:
+            return None
+        try:
+            context = json.loads(row[5])
+        except ValueError:
+            context = {}
+        return FileState(path, row[0], row[1], row[2], row[3], row[4], context)
+
+    def put(self, source: str, state: FileState) -> None:
+        """Save (replace) the state of one file; committed at once."""
+        if self._memory is not None:
+            self._memory[(source, state.path)] = state
+            return
+        self._conn.execute(
+            "INSERT OR REPLACE INTO import_state "
+            "(source, path, inode, size, mtime, offset, line, context, updated_at) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                source,
+                state.path,
+                state.inode,
+                state.size,
+                state.mtime,
+                state.offset,
+                state.line,
+                json.dumps(state.context, separators=(",", ":")),
+                datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            ),
+        )
+
+    def close(self) -> None:
+        """Close the connection."""
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+
+def resume_point(saved: FileState | None, inode: int, size: int, mtime: float) -> FileState | None:
+    """Where to resume a file, or None when it is unchanged since the last import.
+
+    A file whose inode changed, or that is now shorter than what was consumed, was replaced
+    or truncated: it is read again from the start (the ledger's unique request ids keep that
+    from counting anything twice).
+    """
+    if saved is None or saved.inode != inode or size < saved.offset:
+        return FileState(saved.path if saved else "", inode, size, mtime)
+    if size == saved.size and mtime == saved.mtime and size == saved.offset:
+        return None
+    return FileState(saved.path, inode, size, mtime, saved.offset, saved.line, dict(saved.context))
+
+
+# ---------------------------------------------------------------------------------------------
+# Progress
+
+
+class Progress:
+    """A one-line progress display on stderr, by bytes, rewritten in place.
+
+    Shown only when stderr is a terminal and the input is large enough to wait for; redrawn at
+    most a few times a second so it costs nothing measurable.
+    """
+
+    MIN_BYTES = 8 * 1024 * 1024
+
+    def __init__(self, total_bytes: int, label: str, stream: TextIO | None = None) -> None:
+        self.stream = stream if stream is not None else sys.stderr
+        self.total = max(total_bytes, 1)
+        self.label = label
+        self.done = 0
+        self.enabled = total_bytes >= self.MIN_BYTES and _isatty(self.stream)
+        self._last_draw = 0.0
+        self._drawn = False
+
+    def advance(self, nbytes: int) -> None:
+        """Add ``nbytes`` read; redraw if enough time has passed."""
+        self.done += nbytes
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        if now - self._last_draw >= 0.2:
+            self._last_draw = now
+            pct = min(100.0, 100.0 * self.done / self.total)
+            mib = self.done / (1024 * 1024)
+            self.stream.write(f"\r{self.label}: {pct:5.1f}% ({mib:,.0f} MiB)")
+            self.stream.flush()
+            self._drawn = True
+
+    def finish(self) -> None:
+        """Clear the progress line."""
+        if self._drawn:
+            self.stream.write("\r\033[K")
+            self.stream.flush()
+
+
+def _isatty(stream: TextIO) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def batched(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    """Lists of at most ``size`` items."""
+    batch: list[Any] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+# ---------------------------------------------------------------------------------------------
+# The import loop
+
+
+def import_files(
+    source: str,
+    files: list[Path],
+    make_parser: Any,
+    sink: Any,
+    state: StateStore,
+    report: ImportReport,
+    *,
+    full: bool = False,
+    window: DedupWindow | None = None,
+    progress: Progress | None = None,
+) -> None:
+    """Read each file from where the last import stopped and hand its events to ``sink``.
+
+    ``make_parser(path, context)`` returns an object with ``parse(raw, line_no)`` (a list of
+    ``(dedup_key, rank, fields)``; ``BadLine`` for an unusable line), ``context`` (what to
+    resume from) and ``skipped``. ``sink(list_of_fields) -> (inserted, duplicates)`` writes a
+    batch in one transaction. State is saved after the events it covers are written, so a
+    crash loses nothing: the next run reads again from the saved point and the ledger's
+    unique request ids drop what was already stored. ``full`` ignores the saved state.
+    """
+    for path in files:
+        _FileImport(source, path, make_parser, sink, state, report, window, progress).run(full)
+
+
+class _FileImport:
+    """One file's import: read from the resume point, parse, batch, checkpoint."""
+
+    def __init__(
+        self,
+        source: str,
+        path: Path,
+        make_parser: Any,
+        sink: Any,
+        state: StateStore,
+        report: ImportReport,
+        window: DedupWindow | None,
+        progress: Progress | None,
+    ) -> None:
+        self.source = source
+        self.path = path
+        self.display = str(path)
+        self.make_parser = make_parser
+        self.sink = sink
+        self.state = state
+        self.report = report
+        self.window = window
+        self.progress = progress
+        self.out: list[dict] = []
+        self.resume: FileState | None = None
+        self.parser: Any = None
+
+    def run(self, full: bool) -> None:
+        report = self.report
+        try:
+            st = self.path.stat()
+        except OSError as exc:
+            report.fail(self.display, f"cannot read: {exc.strerror or exc}")
+            return
+        report.files += 1
+        key = os.path.realpath(self.path)
+        saved = None if full else self.state.get(self.source, key)
+        resume = resume_point(saved, st.st_ino, st.st_size, st.st_mtime)
+        if resume is None:
+            report.files_unchanged += 1
+            self._advance(st.st_size)
+            return
+        resume.path = key
+        self.resume = resume
+        self._advance(resume.offset)
+        self.parser = self.make_parser(self.path, resume.context)
+        consumed = (resume.offset, resume.line)
+        window = self.window
+        try:
+            with open(self.path, "rb") as handle:
+                handle.seek(resume.offset)
+                for line_no, start, end, raw in read_complete_lines(
+                    handle, resume.offset, resume.line
+                ):
+                    try:
+                        items = self.parser.parse(raw, line_no)
+                    except BadLine as exc:
+                        report.bad(self.display, line_no, str(exc))
+                        items = ()
+                    for dedup_key, rank, fields in items:
+                        if dedup_key is None or window is None:
+                            self.out.append(fields)
+                        else:
+                            self.out.extend(window.offer(dedup_key, rank, fields, start, line_no))
+                    consumed = (end, line_no)
+                    report.bytes_read += end - start
+                    self._advance(end - start)
+                    if len(self.out) >= BATCH_SIZE:
+                        held = window.oldest_position() if window else None
+                        self._flush(held or consumed)
+        except OSError as exc:
+            report.fail(self.display, f"cannot read: {exc.strerror or exc}")
+            # What was read is still written; the saved state stays where it was.
+            self._finish_window()
+            self._flush(None)
+            return
+        self._finish_window()
+        report.skipped += self.parser.skipped
+        if consumed[0] < st.st_size:
+            report.pending += 1
+        self._flush(consumed)
+
+    def _advance(self, nbytes: int) -> None:
+        if self.progress is not None:
+            self.progress.advance(nbytes)
+
+    def _finish_window(self) -> None:
+        if self.window is not None:
+            self.out.extend(self.window.drain())
+            self.report.duplicates += self.window.merged
+            self.window.merged = 0
+
+    def _flush(self, position: tuple[int, int] | None) -> None:
+        """Write the batch, then (only then) save how far the file is imported."""
+        if self.out:
+            inserted, duplicates = self.sink(self.out)
+            self.report.imported += inserted
+            self.report.duplicates += duplicates
+            self.out = []
+        if position is not None and self.resume is not None:
+            resume = self.resume
+            resume.offset, resume.line = position
+            resume.size = max(resume.size, resume.offset)
+            resume.context = dict(self.parser.context)
+            self.state.put(self.source, resume)

@@ -1,0 +1,345 @@
+"""Claude Code transcripts -> ledger: dedup, idempotence, incremental reads, bad lines, privacy."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from cage.cli import main
+from cage.importers import claude_code
+
+from .conftest import (
+    SECRET,
+    append_lines,
+    claude_line,
+    ledger_rows,
+    user_line,
+    write_lines,
+)
+
+
+def run_import(capsys, *args: str) -> tuple[int, dict]:
+    code = main(["import", "claude-code", *args, "--json"])
+    out = capsys.readouterr().out
+    return code, json.loads(out)
+
+
+def project(tmp_path: Path, name: str = "-home-dev-project") -> Path:
+    return tmp_path / "claude" / "projects" / name
+
+
+def test_one_event_per_response_with_normalised_tokens(tmp_path, ledger_db, capsys):
+    write_lines(
+        project(tmp_path) / "sess-1.jsonl",
+        [
+            user_line(),
+            claude_line(
+                "msg_a", "req_a", input_tokens=3, output_tokens=7, cache_write=100, cache_read=50
+            ),
+        ],
+    )
+    code, doc = run_import(capsys, str(tmp_path / "claude"))
+    assert code == 0
+    assert (doc["imported"], doc["duplicates"], doc["bad_lines"]) == (1, 0, 0)
+    [row] = ledger_rows(ledger_db)
+    assert row["provider"] == "anthropic"
+    assert row["model"] == "claude-sonnet-4-20250514"
+    assert (row["input_tokens"], row["output_tokens"]) == (3, 7)
+    assert (row["cache_write_tokens"], row["cache_read_tokens"]) == (100, 50)
+    assert row["request_id"] == "claude-code:msg_a:req_a"
+    assert row["source"] == "claude-code"
+    extra = json.loads(row["extra"])
+    assert extra["session_id"] == "sess-1"
+    assert extra["project"] == "-home-dev-project"
+    assert extra["version"] == "2.0.14"
+
+
+def test_copies_in_one_file_keep_the_largest(tmp_path, ledger_db, capsys):
+    write_lines(
+        project(tmp_path) / "s.jsonl",
+        [
+            claude_line("msg_a", "req_a", output_tokens=1),
+            claude_line("msg_a", "req_a", output_tokens=500),
+            claude_line("msg_a", "req_a", output_tokens=30),
+        ],
+    )
+    code, doc = run_import(capsys, str(tmp_path / "claude"))
+    assert (code, doc["imported"], doc["duplicates"]) == (0, 1, 2)
+    [row] = ledger_rows(ledger_db)
+    assert row["output_tokens"] == 500
+
+
+def test_non_sidechain_copy_preferred(tmp_path, ledger_db, capsys):
+    write_lines(
+        project(tmp_path) / "s.jsonl",
+        [
+            claude_line("msg_a", "req_a", output_tokens=40, sidechain=True),
+            claude_line("msg_a", "req_a", output_tokens=40, sidechain=False),
+        ],
+    )
+    code, doc = run_import(capsys, str(tmp_path / "claude"))
+    assert code == 0
+    assert (doc["imported"], doc["duplicates"]) == (1, 1)
+    [row] = ledger_rows(ledger_db)
+    assert "is_sidechain" not in json.loads(row["extra"])
+
+
+def test_copies_across_files_count_once_main_file_first(tmp_path, ledger_db, capsys):
+    # The subagent file sorts first by name but is read after the main session files.
+    write_lines(
+        project(tmp_path) / "sess-1" / "subagents" / "agent-1.jsonl",
+        [claude_line("msg_a", "req_a", output_tokens=40, sidechain=True)],
+    )
+    write_lines(
+        project(tmp_path) / "zz-sess-1.jsonl",
+        [claude_line("msg_a", "req_a", output_tokens=40), claude_line("msg_b", "req_b")],
+    )
+    code, doc = run_import(capsys, str(tmp_path / "claude"))
+    assert code == 0
+    assert (doc["imported"], doc["duplicates"], doc["files"]) == (2, 1, 2)
+    rows = {r["request_id"]: r for r in ledger_rows(ledger_db)}
+    assert "is_sidechain" not in json.loads(rows["claude-code:msg_a:req_a"]["extra"])
+
+
+def test_second_import_adds_nothing(tmp_path, ledger_db, capsys):
+    write_lines(
+        project(tmp_path) / "s.jsonl",
+        [claude_line("msg_a", "req_a"), claude_line(None, None, uuid="no-id-line")],
+    )
+    assert run_import(capsys, str(tmp_path / "claude"))[1]["imported"] == 2
+    code, doc = run_import(capsys, str(tmp_path / "claude"))
+    assert (code, doc["imported"], doc["files_unchanged"]) == (0, 0, 1)
+    # Even ignoring the saved state (every line read again), nothing is counted twice.
+    code, doc = run_import(capsys, str(tmp_path / "claude"), "--full")
+    assert (doc["imported"], doc["duplicates"]) == (0, 2)
+    assert len(ledger_rows(ledger_db)) == 2
+
+
+def test_line_without_message_id_gets_a_stable_id(tmp_path, ledger_db, capsys):
+    write_lines(project(tmp_path) / "s.jsonl", [claude_line(None, "req_x", uuid="line-uuid-1")])
+    run_import(capsys, str(tmp_path / "claude"))
+    [row] = ledger_rows(ledger_db)
+    assert row["request_id"] == "claude-code:line:line-uuid-1"
+
+
+def test_incremental_reads_only_appended_lines(tmp_path, ledger_db, capsys):
+    path = write_lines(project(tmp_path) / "s.jsonl", [claude_line("msg_a", "req_a")])
+    assert run_import(capsys, str(tmp_path / "claude"))[1]["imported"] == 1
+    size_before = path.stat().st_size
+    append_lines(path, [claude_line("msg_b", "req_b"), claude_line("msg_c", "req_c")])
+    code, doc = run_import(capsys, str(tmp_path / "claude"))
+    assert code == 0
+    assert (doc["imported"], doc["duplicates"]) == (2, 0)
+    assert doc["bytes_read"] == path.stat().st_size - size_before
+
+
+def test_unfinished_last_line_is_read_once_completed(tmp_path, ledger_db, capsys):
+    path = project(tmp_path) / "s.jsonl"
+    whole = claude_line("msg_b", "req_b", output_tokens=9)
+    path.parent.mkdir(parents=True)
+    path.write_text(claude_line("msg_a", "req_a") + "\n" + whole[:50], encoding="utf-8")
+    code, doc = run_import(capsys, str(tmp_path / "claude"))
+    assert (code, doc["imported"], doc["bad_lines"], doc["pending"]) == (0, 1, 0, 1)
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(whole[50:] + "\n")
+    code, doc = run_import(capsys, str(tmp_path / "claude"))
+    assert (doc["imported"], doc["bad_lines"], doc["pending"]) == (1, 0, 0)
+    assert {r["request_id"] for r in ledger_rows(ledger_db)} == {
+        "claude-code:msg_a:req_a",
+        "claude-code:msg_b:req_b",
+    }
+
+
+def test_complete_last_line_without_newline_is_imported(tmp_path, ledger_db, capsys):
+    write_lines(
+        project(tmp_path) / "s.jsonl", [claude_line("msg_a", "req_a")], newline_at_end=False
+    )
+    code, doc = run_import(capsys, str(tmp_path / "claude"))
+    assert code == 0
+    assert (doc["imported"], doc["pending"]) == (1, 0)
+
+
+def test_truncated_or_replaced_file_is_read_again_without_double_counting(
+    tmp_path, ledger_db, capsys
+):
+    path = write_lines(
+        project(tmp_path) / "s.jsonl",
+        [claude_line("msg_a", "req_a"), claude_line("msg_b", "req_b")],
+    )
+    run_import(capsys, str(tmp_path / "claude"))
+    write_lines(path, [claude_line("msg_c", "req_c")])  # shorter than what was consumed
+    code, doc = run_import(capsys, str(tmp_path / "claude"))
+    assert code == 0
+    assert doc["imported"] == 1
+    assert len(ledger_rows(ledger_db)) == 3
+
+
+def test_bad_lines_are_counted_with_file_and_line_and_the_rest_imported(
+    tmp_path, ledger_db, capsys
+):
+    path = write_lines(
+        project(tmp_path) / "s.jsonl",
+        [
+            claude_line("msg_a", "req_a"),
+            '{"type":"assistant","message":{"usage":{"input_tokens": 1,',  # malformed JSON
+            claude_line("msg_b", "req_b", input_tokens=-5),
+            claude_line("msg_c", "req_c").replace('"output_tokens": 20', '"output_tokens": "20"'),
+            "garbage",
+            claude_line("msg_d", "req_d"),
+        ],
+    )
+    code, doc = run_import(capsys, str(tmp_path / "claude"))
+    assert code == 0
+    assert (doc["imported"], doc["bad_lines"]) == (2, 4)
+    where = [(e["file"], e["line"]) for e in doc["errors"]]
+    assert where == [(str(path), 2), (str(path), 3), (str(path), 4), (str(path), 5)]
+    messages = [e["message"] for e in doc["errors"]]
+    assert "malformed JSON" in messages[0]
+    assert "input_tokens = -5 is negative" in messages[1]
+    assert "output_tokens is a str" in messages[2]
+
+
+def test_bad_lines_text_report_lists_file_line(tmp_path, ledger_db, capsys):
+    path = write_lines(project(tmp_path) / "s.jsonl", ["{not json", claude_line()])
+    code = main(["import", "claude-code", str(tmp_path / "claude")])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert out.splitlines()[0].startswith("imported 1, skipped duplicates 0, bad lines 1")
+    assert f"{path}:1: " in out
+
+
+def test_synthetic_model_is_skipped(tmp_path, ledger_db, capsys):
+    write_lines(
+        project(tmp_path) / "s.jsonl",
+        [claude_line("msg_a", "req_a", model="<synthetic>"), claude_line("msg_b", "req_b")],
+    )
+    code, doc = run_import(capsys, str(tmp_path / "claude"))
+    assert code == 0
+    assert (doc["imported"], doc["skipped"]) == (1, 1)
+    assert [r["model"] for r in ledger_rows(ledger_db)] == ["claude-sonnet-4-20250514"]
+
+
+def test_cache_creation_breakdown_is_the_cache_write_count(tmp_path, ledger_db, capsys):
+    write_lines(
+        project(tmp_path) / "s.jsonl",
+        [
+            claude_line(
+                "msg_a",
+                "req_a",
+                cache_write=999,  # the flat field is superseded by the breakdown
+                cache_creation={"ephemeral_5m_input_tokens": 300, "ephemeral_1h_input_tokens": 200},
+            )
+        ],
+    )
+    run_import(capsys, str(tmp_path / "claude"))
+    [row] = ledger_rows(ledger_db)
+    assert row["cache_write_tokens"] == 500
+    extra = json.loads(row["extra"])
+    assert (extra["cache_write_5m_tokens"], extra["cache_write_1h_tokens"]) == (300, 200)
+
+
+def test_cost_in_transcript_is_measured_else_priced(tmp_path, ledger_db, capsys):
+    write_lines(
+        project(tmp_path) / "s.jsonl",
+        [
+            claude_line("msg_a", "req_a", cost=0.125),
+            claude_line("msg_b", "req_b", input_tokens=1000, output_tokens=1000),
+        ],
+    )
+    run_import(capsys, str(tmp_path / "claude"))
+    rows = {r["request_id"]: r for r in ledger_rows(ledger_db)}
+    measured = rows["claude-code:msg_a:req_a"]
+    assert (measured["cost_usd"], measured["truth"]) == (0.125, "measured")
+    priced = rows["claude-code:msg_b:req_b"]
+    assert priced["truth"] == "modeled"
+    assert priced["cost_usd"] > 0
+
+
+def test_no_content_is_stored(tmp_path, ledger_db, capsys):
+    write_lines(
+        project(tmp_path) / "s.jsonl",
+        [user_line(), claude_line("msg_a", "req_a"), claude_line(None, None)],
+    )
+    run_import(capsys, str(tmp_path / "claude"))
+    assert len(ledger_rows(ledger_db)) == 2
+    for suffix in ("", "-wal", "-shm"):
+        f = Path(str(ledger_db) + suffix)
+        if f.exists():
+            assert SECRET.encode() not in f.read_bytes()
+
+
+def test_missing_path_exits_1_after_importing_the_rest(tmp_path, ledger_db, capsys):
+    write_lines(project(tmp_path) / "s.jsonl", [claude_line()])
+    code = main(
+        ["import", "claude-code", str(tmp_path / "claude"), str(tmp_path / "nope"), "--json"]
+    )
+    captured = capsys.readouterr()
+    doc = json.loads(captured.out)
+    assert code == 1
+    assert doc["imported"] == 1
+    assert doc["failures"][0]["file"] == str(tmp_path / "nope")
+    assert "nope" in captured.err
+
+
+def test_default_dirs_from_claude_config_dir(tmp_path, ledger_db, capsys, monkeypatch):
+    a = tmp_path / "a"
+    b = tmp_path / "b" / "projects"  # an entry may name the projects folder itself
+    write_lines(a / "projects" / "p1" / "s.jsonl", [claude_line("msg_a", "req_a")])
+    write_lines(b / "p2" / "s.jsonl", [claude_line("msg_b", "req_b")])
+    monkeypatch.setenv("CLAUDE_CONFIG_DIR", f"{a}, {b},{tmp_path / 'missing'}")
+    assert claude_code.default_roots() == [a / "projects", b]
+    code, doc = run_import(capsys)
+    assert (code, doc["imported"]) == (0, 2)
+
+
+def test_default_dirs_xdg_then_home(tmp_path, monkeypatch):
+    home = tmp_path / "home"
+    xdg = tmp_path / "xdg"
+    (xdg / "claude" / "projects").mkdir(parents=True)
+    (home / ".claude" / "projects").mkdir(parents=True)
+    env = {"HOME": str(home), "XDG_CONFIG_HOME": str(xdg)}
+    assert claude_code.default_roots(env) == [
+        xdg / "claude" / "projects",
+        home / ".claude" / "projects",
+    ]
+    (home / ".config" / "claude" / "projects").mkdir(parents=True)
+    assert claude_code.default_roots({"HOME": str(home)}) == [
+        home / ".config" / "claude" / "projects",
+        home / ".claude" / "projects",
+    ]
+
+
+def test_no_default_dir_is_an_error_naming_where_it_looked(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("CLAUDE_CONFIG_DIR", str(tmp_path / "none"))
+    code = main(["import", "claude-code"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "CLAUDE_CONFIG_DIR" in err and "cage import claude-code DIR" in err
+
+
+def test_parse_file_is_pure_and_yields_every_copy(tmp_path):
+    path = write_lines(
+        tmp_path / "s.jsonl",
+        [user_line(), claude_line("msg_a", "req_a"), claude_line("msg_a", "req_a"), "bad"],
+    )
+    events = list(claude_code.parse_file(path))
+    assert [e["request_id"] for e in events] == ["claude-code:msg_a:req_a"] * 2
+
+
+def test_progress_lines_nested_usage_is_read(tmp_path, ledger_db, capsys):
+    nested = json.loads(claude_line("msg_n", "req_n", output_tokens=77))
+    progress_line = json.dumps(
+        {
+            "type": "progress",
+            "sessionId": "sess-1",
+            "data": {
+                "message": {
+                    k: nested[k] for k in ("message", "requestId", "timestamp", "isSidechain")
+                }
+            },
+        }
+    )
+    write_lines(project(tmp_path) / "s.jsonl", [progress_line])
+    run_import(capsys, str(tmp_path / "claude"))
+    [row] = ledger_rows(ledger_db)
+    assert (row["request_id"], row["output_tokens"]) == ("claude-code:msg_n:req_n", 77)
