@@ -1,0 +1,827 @@
+"""The spend ledger: one row per LLM call, in SQLite by default.
+
+Design (see docs/ledger.md for the user-facing version):
+
+- ``events`` holds one row per call: the :class:`Event` fields, ``extra`` as JSON text, the
+  timestamp as ISO 8601 UTC text truncated to whole seconds (``2026-11-23T10:00:00Z``), so
+  text order is time order and the UTC day is ``substr(timestamp, 1, 10)``.
+- ``request_id`` is UNIQUE (NULLs allowed any number of times): inserting the same source
+  call twice is a no-op, which makes every import idempotent.
+- ``rollup`` holds running totals per (UTC day, provider, model, caller, mission, truth),
+  written in the same transaction as the events it sums, so reports read a few thousand
+  rows instead of scanning a million. Triggers keep it right when someone deletes or edits
+  events by hand; inserts are summed by the writer in SQL (one statement per batch), which
+  is several times cheaper than a per-row trigger.
+- The schema is versioned with ``PRAGMA user_version``; :data:`MIGRATIONS` are forward
+  steps, applied under a write lock. A ledger newer than this cage is refused.
+
+Storage sits behind :class:`Ledger` so that a PostgreSQL backend (``postgresql://`` URLs)
+can follow; this build refuses such URLs with a clear error.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import sqlite3
+import sys
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import date, datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+from cage.errors import LedgerError
+
+TRUTH_LABELS: tuple[str, ...] = ("measured", "modeled", "estimated")
+
+# `cage report --by X` -> the rollup column that is the group key.
+REPORT_KEYS: dict[str, str] = {
+    "model": "model",
+    "provider": "provider",
+    "caller": "caller",
+    "mission": "mission_id",
+    "day": "day",
+}
+
+# Events per write transaction in add_many(). Small enough that a crash loses little (and
+# imports are idempotent, so re-running one restores it), large enough that the per-commit
+# cost (a WAL append, no fsync under synchronous=NORMAL) is amortised.
+BATCH_SIZE = 1000
+
+# How long a writer keeps retrying when other processes hold the write lock. The SQLite
+# busy handler already waits BUSY_TIMEOUT_MS per attempt; the retry loop covers the cases
+# the busy handler does not (e.g. a lock upgrade refused to avoid deadlock).
+BUSY_TIMEOUT_MS = 30_000
+RETRY_FOR_S = 120.0
+
+
+@dataclass
+class Event:
+    """One LLM call. Counts only: no prompt or completion text, ever."""
+
+    timestamp: str  # ISO 8601 UTC, e.g. "2026-11-23T10:00:00Z"
+    provider: str
+    model: str
+    input_tokens: int = 0  # prompt tokens NOT served from cache and not written to cache
+    output_tokens: int = 0  # includes reasoning tokens
+    cache_read_tokens: int = 0
+    cache_write_tokens: int = 0  # extra["cache_write_1h_tokens"] may say how many were 1h
+    cost_usd: float | None = None  # None = unpriced, 0 only when truly free
+    truth: str = "estimated"  # measured | modeled | estimated
+    role: str | None = None
+    caller: str | None = None
+    mission_id: str | None = None
+    duration_s: float | None = None
+    error_class: str | None = None
+    request_id: str | None = None  # unique per source call; duplicates are skipped
+    source: str | None = None  # "proxy", "meter", "claude-code", "codex", "jsonl"
+    extra: dict = field(default_factory=dict)  # counts/ids only, never content
+
+    def to_dict(self) -> dict[str, Any]:
+        """The event as a JSON-ready dict (AttributionEvent-compatible field names)."""
+        return {name: getattr(self, name) for name in _EVENT_FIELDS}
+
+
+_EVENT_FIELDS: tuple[str, ...] = (
+    "timestamp",
+    "provider",
+    "model",
+    "input_tokens",
+    "output_tokens",
+    "cache_read_tokens",
+    "cache_write_tokens",
+    "cost_usd",
+    "truth",
+    "role",
+    "caller",
+    "mission_id",
+    "duration_s",
+    "error_class",
+    "request_id",
+    "source",
+    "extra",
+)
+
+
+# ---------------------------------------------------------------------------------------
+# Schema and migrations
+
+_ROLLUP_COLUMNS = (
+    "calls, input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, cost_usd, unpriced"
+)
+
+# Sums one set of event rows (a SELECT over events aliased `e`) into the rollup. NULL keys
+# are stored as '' because a UNIQUE key treats NULLs as distinct; the writer turns empty
+# caller/mission/role strings into NULL, so '' in the rollup means exactly "none".
+_ROLLUP_UPSERT = (
+    "INSERT INTO rollup (day, provider, model, caller, mission_id, truth, "
+    + _ROLLUP_COLUMNS
+    + ") SELECT substr(e.timestamp, 1, 10), e.provider, e.model, ifnull(e.caller, ''), "
+    "ifnull(e.mission_id, ''), e.truth, count(*), sum(e.input_tokens), sum(e.output_tokens), "
+    "sum(e.cache_read_tokens), sum(e.cache_write_tokens), total(e.cost_usd), "
+    "sum(e.cost_usd IS NULL) FROM events AS e WHERE {where} "
+    "GROUP BY 1, 2, 3, 4, 5, 6 "
+    "ON CONFLICT (day, provider, model, caller, mission_id, truth) DO UPDATE SET "
+    "calls = calls + excluded.calls, "
+    "input_tokens = input_tokens + excluded.input_tokens, "
+    "output_tokens = output_tokens + excluded.output_tokens, "
+    "cache_read_tokens = cache_read_tokens + excluded.cache_read_tokens, "
+    "cache_write_tokens = cache_write_tokens + excluded.cache_write_tokens, "
+    "cost_usd = cost_usd + excluded.cost_usd, "
+    "unpriced = unpriced + excluded.unpriced"
+)
+
+
+def _rollup_subtract_trigger(name: str, when: str) -> str:
+    # Manual DELETE/UPDATE of events (sqlite3 shell, a cleanup script) keeps the rollup
+    # right. Inserts are summed by the writer instead: cheaper per row at import scale.
+    return (
+        f"CREATE TRIGGER {name} AFTER {when} ON events BEGIN "
+        "UPDATE rollup SET calls = calls - 1, "
+        "input_tokens = input_tokens - old.input_tokens, "
+        "output_tokens = output_tokens - old.output_tokens, "
+        "cache_read_tokens = cache_read_tokens - old.cache_read_tokens, "
+        "cache_write_tokens = cache_write_tokens - old.cache_write_tokens, "
+        "cost_usd = cost_usd - ifnull(old.cost_usd, 0), "
+        "unpriced = unpriced - (old.cost_usd IS NULL) "
+        "WHERE day = substr(old.timestamp, 1, 10) AND provider = old.provider "
+        "AND model = old.model AND caller = ifnull(old.caller, '') "
+        "AND mission_id = ifnull(old.mission_id, '') AND truth = old.truth; "
+        "DELETE FROM rollup WHERE calls <= 0; "
+        + (_ROLLUP_UPSERT.format(where="e.id = new.id") + "; " if when.startswith("UPDATE") else "")
+        + "END"
+    )
+
+
+# MIGRATIONS[i] takes a ledger from user_version i to i + 1. Append only; never edit a step
+# that has shipped (ledgers in the field have already run it).
+MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    # 1: the events table.
+    (
+        "CREATE TABLE events ("
+        " id INTEGER PRIMARY KEY,"
+        " timestamp TEXT NOT NULL,"
+        " provider TEXT NOT NULL,"
+        " model TEXT NOT NULL,"
+        " input_tokens INTEGER NOT NULL DEFAULT 0,"
+        " output_tokens INTEGER NOT NULL DEFAULT 0,"
+        " cache_read_tokens INTEGER NOT NULL DEFAULT 0,"
+        " cache_write_tokens INTEGER NOT NULL DEFAULT 0,"
+        " cost_usd REAL,"
+        " truth TEXT NOT NULL DEFAULT 'estimated'"
+        "  CHECK (truth IN ('measured', 'modeled', 'estimated')),"
+        " role TEXT,"
+        " caller TEXT,"
+        " mission_id TEXT,"
+        " duration_s REAL,"
+        " error_class TEXT,"
+        " request_id TEXT UNIQUE,"
+        " source TEXT,"
+        " extra TEXT NOT NULL DEFAULT '{}'"
+        ")",
+        "CREATE INDEX events_timestamp ON events (timestamp)",
+    ),
+    # 2: the rollup the reports read, budget threshold flags, and a backfill of the rollup
+    # from whatever events a version-1 ledger already holds.
+    (
+        "CREATE TABLE rollup ("
+        " day TEXT NOT NULL,"
+        " provider TEXT NOT NULL,"
+        " model TEXT NOT NULL,"
+        " caller TEXT NOT NULL,"
+        " mission_id TEXT NOT NULL,"
+        " truth TEXT NOT NULL,"
+        " calls INTEGER NOT NULL,"
+        " input_tokens INTEGER NOT NULL,"
+        " output_tokens INTEGER NOT NULL,"
+        " cache_read_tokens INTEGER NOT NULL,"
+        " cache_write_tokens INTEGER NOT NULL,"
+        " cost_usd REAL NOT NULL,"
+        " unpriced INTEGER NOT NULL,"
+        " PRIMARY KEY (day, provider, model, caller, mission_id, truth)"
+        ") WITHOUT ROWID",
+        "CREATE INDEX rollup_mission ON rollup (mission_id, day)",
+        "CREATE INDEX events_mission ON events (mission_id, timestamp)",
+        "CREATE TABLE thresholds ("
+        " mission_id TEXT NOT NULL,"
+        " kind TEXT NOT NULL,"
+        " threshold REAL NOT NULL,"
+        " value REAL NOT NULL,"
+        " fired_at TEXT NOT NULL,"
+        " PRIMARY KEY (mission_id, kind)"
+        ")",
+        _ROLLUP_UPSERT.format(where="1"),
+        _rollup_subtract_trigger("events_rollup_delete", "DELETE"),
+        _rollup_subtract_trigger("events_rollup_update", "UPDATE"),
+    ),
+)
+
+SCHEMA_VERSION = len(MIGRATIONS)
+
+_INSERT = (
+    "INSERT OR IGNORE INTO events ("
+    + ", ".join(_EVENT_FIELDS)
+    + ") VALUES ("
+    + ", ".join("?" * len(_EVENT_FIELDS))
+    + ")"
+)
+
+
+# ---------------------------------------------------------------------------------------
+# Locations
+
+
+def default_ledger_path() -> Path:
+    """Where the ledger lives: ``$CAGE_LEDGER``, else the user data directory.
+
+    ``$XDG_DATA_HOME/cage/ledger.db`` (default ``~/.local/share/cage/ledger.db``) on Linux
+    and other Unixes, ``~/Library/Application Support/cage/ledger.db`` on macOS,
+    ``%LOCALAPPDATA%\\cage\\ledger.db`` on Windows.
+    """
+    env = os.environ.get("CAGE_LEDGER")
+    if env:
+        return Path(env).expanduser()
+    return _user_data_dir() / "cage" / "ledger.db"
+
+
+def default_ledger_location() -> str:
+    """The ledger location as a string; unlike a Path it keeps ``postgresql://`` URLs intact."""
+    env = os.environ.get("CAGE_LEDGER")
+    if env and _is_url(env):
+        return env
+    return str(default_ledger_path())
+
+
+def _user_data_dir() -> Path:
+    home = Path.home()
+    if sys.platform == "darwin":
+        return home / "Library" / "Application Support"
+    if sys.platform.startswith("win"):
+        local = os.environ.get("LOCALAPPDATA")
+        return Path(local) if local else home / "AppData" / "Local"
+    xdg = os.environ.get("XDG_DATA_HOME")
+    # The XDG spec says relative values are invalid and must be ignored.
+    if xdg and os.path.isabs(xdg):
+        return Path(xdg)
+    return home / ".local" / "share"
+
+
+def _is_url(location: str) -> bool:
+    return "://" in location
+
+
+# ---------------------------------------------------------------------------------------
+# Timestamps and bounds
+
+_ISO_Z = re.compile(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.\d+)?Z")
+_DATE = re.compile(r"\d{4}-\d\d-\d\d")
+
+
+def normalise_timestamp(value: str | datetime) -> str:
+    """ISO 8601 text or a datetime -> ``YYYY-MM-DDTHH:MM:SSZ`` in UTC (whole seconds).
+
+    Naive values are taken as UTC. Raises ValueError naming the value when it is not a
+    timestamp. Whole seconds keep text order equal to time order.
+    """
+    if isinstance(value, datetime):
+        dt = value
+    else:
+        match = _ISO_Z.fullmatch(value)
+        if match:
+            # Fast path for the common form; fromisoformat still validates the fields.
+            head = match.group(1)
+            datetime.fromisoformat(head)
+            return head + "Z"
+        text = value.strip()
+        if text.endswith(("Z", "z")):
+            text = text[:-1] + "+00:00"
+        # Python 3.10's fromisoformat wants 0, 3 or 6 fractional digits: drop the fraction.
+        text = re.sub(r"(T\d\d:\d\d:\d\d)\.\d+", r"\1", text)
+        try:
+            dt = datetime.fromisoformat(text)
+        except ValueError:
+            raise ValueError(f"not an ISO 8601 timestamp: {value!r}") from None
+    if dt.tzinfo is not None:
+        dt = dt.astimezone(timezone.utc)
+    return dt.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_bound(value: str | date | datetime | None, *, end: bool) -> str | None:
+    """A --since/--until value -> the timestamp text to compare with, or None.
+
+    A date (``2026-11-23``) covers the whole UTC day: as a start it means 00:00:00, as an
+    end it is inclusive (the comparison uses the next day's midnight, exclusive). A full
+    timestamp is used as it is (inclusive). Raises ValueError for anything else.
+    """
+    if value is None:
+        return None
+    if isinstance(value, datetime):
+        stamp = normalise_timestamp(value)
+        return stamp if not end else _after(stamp)
+    if isinstance(value, date):
+        day = value
+    elif _DATE.fullmatch(value.strip()):
+        try:
+            day = date.fromisoformat(value.strip())
+        except ValueError:
+            raise ValueError(f"not a date: {value!r} (use YYYY-MM-DD)") from None
+    else:
+        try:
+            stamp = normalise_timestamp(value)
+        except ValueError:
+            raise ValueError(
+                f"not a date or timestamp: {value!r} (use YYYY-MM-DD or 2026-11-23T10:00:00Z)"
+            ) from None
+        return stamp if not end else _after(stamp)
+    if end:
+        day = day + timedelta(days=1)
+    return day.isoformat() + "T00:00:00Z"
+
+
+def _after(stamp: str) -> str:
+    # An inclusive end timestamp as an exclusive bound: one second later.
+    dt = datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%SZ") + timedelta(seconds=1)
+    return dt.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+# ---------------------------------------------------------------------------------------
+# The ledger
+
+
+class Ledger:
+    """The spend ledger. Use :meth:`open`; the storage backend is chosen by location."""
+
+    location: str
+
+    @classmethod
+    def open(cls, path: str | os.PathLike | None = None) -> Ledger:
+        """Open (creating and migrating if needed) the ledger at ``path`` or the default.
+
+        ``postgresql://`` URLs are recognised but not supported in this build.
+        """
+        location = default_ledger_location() if path is None else os.fspath(path)
+        if location.startswith(("postgresql://", "postgres://")):
+            raise LedgerError(
+                "PostgreSQL ledgers are not supported in this build "
+                f"(CAGE_LEDGER / --ledger is {_redact_url(location)}): "
+                "use a SQLite file path instead"
+            )
+        if _is_url(location) and not location.startswith("file:"):
+            raise LedgerError(
+                f"unsupported ledger location {_redact_url(location)}: "
+                "give a file path (SQLite) instead"
+            )
+        return SQLiteLedger(Path(location).expanduser())
+
+    # The storage interface every backend implements.
+    def add(self, event: Event) -> bool:
+        """Record one event; False when its request_id is already in the ledger."""
+        inserted, _ = self.add_many((event,))
+        return inserted == 1
+
+    def add_many(self, events: Iterable[Event]) -> tuple[int, int]:
+        """Record events in batched transactions; returns (inserted, duplicates)."""
+        raise NotImplementedError
+
+    def report(
+        self,
+        by: str,
+        since: str | date | datetime | None = None,
+        until: str | date | datetime | None = None,
+        mission: str | None = None,
+    ) -> list[dict]:
+        """Spend grouped by ``by`` (model|provider|caller|mission|day); see docs/ledger.md."""
+        raise NotImplementedError
+
+    def check_thresholds(
+        self,
+        mission_id: str,
+        warn_at_usd: float | None = None,
+        warn_at_tokens: int | None = None,
+    ) -> list[str]:
+        """Warnings for thresholds this mission has crossed, each returned once, ever."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release the connection."""
+        raise NotImplementedError
+
+    def mission_spend(self, mission_id: str) -> dict:
+        """Totals for one mission, with a ``by_model`` breakdown and the truth split."""
+        rows = self.report("model", mission=mission_id)
+        totals = total_of(rows)
+        totals["mission_id"] = mission_id
+        totals["by_model"] = {row["key"]: _without_key(row) for row in rows}
+        return totals
+
+    def __enter__(self) -> Ledger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def total_of(rows: Sequence[dict]) -> dict:
+    """Sum report rows into one total row (without a key)."""
+    total: dict[str, Any] = {
+        "calls": 0,
+        "input_tokens": 0,
+        "output_tokens": 0,
+        "cache_read_tokens": 0,
+        "cache_write_tokens": 0,
+        "cost_usd": 0.0,
+        "unpriced": 0,
+        "truth": dict.fromkeys(TRUTH_LABELS, 0),
+    }
+    for row in rows:
+        for name in ("calls", "input_tokens", "output_tokens", "cache_read_tokens"):
+            total[name] += row[name]
+        total["cache_write_tokens"] += row["cache_write_tokens"]
+        total["cost_usd"] += row["cost_usd"]
+        total["unpriced"] += row["unpriced"]
+        for label in TRUTH_LABELS:
+            total["truth"][label] += row["truth"][label]
+    total["cost_usd"] = round(total["cost_usd"], 9)
+    return total
+
+
+def _without_key(row: dict) -> dict:
+    return {k: v for k, v in row.items() if k != "key"}
+
+
+def _redact_url(url: str) -> str:
+    # Never echo a password from a connection URL.
+    return re.sub(r"//([^:/@]+):[^@]*@", r"//\1:***@", url)
+
+
+def _event_row(event: Event) -> tuple:
+    try:
+        timestamp = normalise_timestamp(event.timestamp)
+    except (ValueError, TypeError) as exc:
+        raise LedgerError(f"event {event.request_id or ''}: {exc}".strip()) from None
+    if event.truth not in TRUTH_LABELS:
+        raise LedgerError(
+            f"event truth must be one of {', '.join(TRUTH_LABELS)}, not {event.truth!r}"
+        )
+    if not event.provider or not event.model:
+        raise LedgerError("event needs a provider and a model (both empty or missing)")
+    counts = (
+        event.input_tokens,
+        event.output_tokens,
+        event.cache_read_tokens,
+        event.cache_write_tokens,
+    )
+    for count in counts:
+        if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+            raise LedgerError(f"token counts must be whole numbers >= 0, got {count!r}")
+    extra = event.extra
+    return (
+        timestamp,
+        event.provider,
+        event.model,
+        *counts,
+        None if event.cost_usd is None else float(event.cost_usd),
+        event.truth,
+        event.role or None,
+        event.caller or None,
+        event.mission_id or None,
+        event.duration_s,
+        event.error_class or None,
+        event.request_id or None,
+        event.source,
+        json.dumps(extra, separators=(",", ":"), sort_keys=True) if extra else "{}",
+    )
+
+
+def _is_busy(exc: sqlite3.OperationalError) -> bool:
+    text = str(exc).lower()
+    return "locked" in text or "busy" in text
+
+
+class SQLiteLedger(Ledger):
+    """The SQLite backend (the default): one local file in WAL mode."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.location = str(path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise LedgerError(f"cannot create the ledger folder {path.parent}: {exc}") from None
+        try:
+            # isolation_level=None: we issue BEGIN IMMEDIATE / COMMIT ourselves, so a
+            # write transaction takes the write lock up front instead of upgrading a read
+            # lock later (an upgrade that can fail with SQLITE_BUSY without waiting).
+            self._db = sqlite3.connect(
+                str(path),
+                timeout=BUSY_TIMEOUT_MS / 1000,
+                isolation_level=None,
+                check_same_thread=False,
+            )
+        except sqlite3.Error as exc:
+            raise LedgerError(f"cannot open the ledger {path}: {exc}") from None
+        try:
+            self._configure()
+            self._migrate()
+        except sqlite3.DatabaseError as exc:
+            self._db.close()
+            raise LedgerError(
+                f"{path} is not a usable cage ledger ({exc}); move it away or point "
+                "CAGE_LEDGER / --ledger at another file"
+            ) from None
+        except LedgerError:
+            self._db.close()
+            raise
+
+    def _configure(self) -> None:
+        db = self._db
+        db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        # WAL: readers never block the writer and the writer never blocks readers; each
+        # commit is an append to the -wal file. synchronous=NORMAL skips the fsync per
+        # commit: a committed transaction survives a crash of any process (the WAL is in
+        # the OS page cache); only a power loss or OS crash can roll back the last few
+        # commits, and it never corrupts the file.
+        self._retry(lambda: db.execute("PRAGMA journal_mode = WAL").fetchone())
+        db.execute("PRAGMA synchronous = NORMAL")
+
+    def _migrate(self) -> None:
+        version = self._db.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise LedgerError(
+                f"the ledger {self.path} has schema version {version}, but this cage "
+                f"understands up to version {SCHEMA_VERSION}: upgrade cage "
+                "(pip install -U cage-gate) or use another ledger (CAGE_LEDGER / --ledger)"
+            )
+        if version == SCHEMA_VERSION:
+            return
+
+        def step() -> None:
+            # Re-read under the write lock: another process may have migrated meanwhile.
+            current = self._db.execute("PRAGMA user_version").fetchone()[0]
+            for target in range(current, SCHEMA_VERSION):
+                for sql in MIGRATIONS[target]:
+                    self._db.execute(sql)
+                self._db.execute(f"PRAGMA user_version = {target + 1}")
+
+        self._write(step)
+
+    # -- writing ------------------------------------------------------------------------
+
+    def _retry(self, action):  # type: ignore[no-untyped-def]
+        deadline = time.monotonic() + RETRY_FOR_S
+        delay = 0.005
+        while True:
+            try:
+                return action()
+            except sqlite3.OperationalError as exc:
+                if not _is_busy(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(delay * (1 + random.random()))
+                delay = min(delay * 2, 0.5)
+
+    def _write(self, action):  # type: ignore[no-untyped-def]
+        """Run ``action`` inside BEGIN IMMEDIATE ... COMMIT, retrying while busy."""
+        db = self._db
+
+        def attempt():  # type: ignore[no-untyped-def]
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                result = action()
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
+            return result
+
+        return self._retry(attempt)
+
+    def add_many(self, events: Iterable[Event]) -> tuple[int, int]:
+        """Record events in transactions of BATCH_SIZE; returns (inserted, duplicates).
+
+        Each batch is committed before the next is read, so a crash loses at most the
+        batch in flight; rows with a request_id already present are skipped and counted.
+        """
+        inserted = duplicates = 0
+        for batch in _batches(events, BATCH_SIZE):
+            rows = [_event_row(event) for event in batch]
+            try:
+                new = self._write(lambda rows=rows: self._insert(rows))
+            except sqlite3.Error as exc:
+                raise LedgerError(f"cannot write to the ledger {self.path}: {exc}") from None
+            inserted += new
+            duplicates += len(rows) - new
+        return inserted, duplicates
+
+    def _insert(self, rows: list[tuple]) -> int:
+        db = self._db
+        # We hold the write lock, so rows inserted now get ids above the current maximum:
+        # the rollup sums exactly those, and duplicates (ignored) are never counted.
+        before = db.execute("SELECT ifnull(max(id), 0) FROM events").fetchone()[0]
+        changes = db.total_changes
+        db.executemany(_INSERT, rows)
+        new = db.total_changes - changes
+        if new:
+            db.execute(_ROLLUP_UPSERT.format(where="e.id > ?"), (before,))
+        return new
+
+    # -- reading ------------------------------------------------------------------------
+
+    def report(
+        self,
+        by: str,
+        since: str | date | datetime | None = None,
+        until: str | date | datetime | None = None,
+        mission: str | None = None,
+    ) -> list[dict]:
+        """Spend grouped by ``by``, sorted by cost (desc) then key; one GROUP BY query.
+
+        Rows: key, calls, input/output/cache_read/cache_write tokens, cost_usd (sum of the
+        priced calls), unpriced (calls with no price), truth {measured, modeled, estimated}
+        (calls per label). Date bounds are UTC days and read the rollup; bounds with a time
+        of day read the events table through its timestamp index.
+        """
+        if by not in REPORT_KEYS:
+            raise LedgerError(f"cannot report by {by!r}: use one of {', '.join(REPORT_KEYS)}")
+        try:
+            low = parse_bound(since, end=False)
+            high = parse_bound(until, end=True)
+        except ValueError as exc:
+            raise LedgerError(str(exc)) from None
+        exact_days = all(bound is None or bound.endswith("T00:00:00Z") for bound in (low, high))
+        key = REPORT_KEYS[by]
+        where: list[str] = []
+        params: list[Any] = []
+        if exact_days:
+            # Days are whole in the rollup: compare the day column with the bound's day.
+            if low is not None:
+                where.append("day >= ?")
+                params.append(low[:10])
+            if high is not None:
+                where.append("day < ?")
+                params.append(high[:10])
+            if mission is not None:
+                where.append("mission_id = ?")
+                params.append(mission)
+            sql = (
+                f"SELECT nullif({key}, '') AS k, sum(calls), sum(input_tokens), "
+                "sum(output_tokens), sum(cache_read_tokens), sum(cache_write_tokens), "
+                "total(cost_usd) AS cost, sum(unpriced), "
+                "total(CASE WHEN truth = 'measured' THEN calls END), "
+                "total(CASE WHEN truth = 'modeled' THEN calls END), "
+                "total(CASE WHEN truth = 'estimated' THEN calls END) FROM rollup"
+            )
+        else:
+            if low is not None:
+                where.append("timestamp >= ?")
+                params.append(low)
+            if high is not None:
+                where.append("timestamp < ?")
+                params.append(high)
+            if mission is not None:
+                where.append("mission_id = ?")
+                params.append(mission)
+            column = "substr(timestamp, 1, 10)" if key == "day" else key
+            sql = (
+                f"SELECT {column} AS k, count(*), sum(input_tokens), sum(output_tokens), "
+                "sum(cache_read_tokens), sum(cache_write_tokens), total(cost_usd) AS cost, "
+                "sum(cost_usd IS NULL), total(truth = 'measured'), total(truth = 'modeled'), "
+                "total(truth = 'estimated') FROM events"
+            )
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        # Round inside the ordering so that float noise in the last bits cannot reorder
+        # rows whose costs are equal to the cent-fraction users see.
+        sql += " GROUP BY k HAVING count(*) > 0 ORDER BY round(cost, 9) DESC, k IS NULL, k"
+        try:
+            found = self._db.execute(sql, params).fetchall()
+        except sqlite3.Error as exc:
+            raise LedgerError(f"cannot read the ledger {self.path}: {exc}") from None
+        return [
+            {
+                "key": k,
+                "calls": int(calls),
+                "input_tokens": int(inp),
+                "output_tokens": int(out),
+                "cache_read_tokens": int(c_read),
+                "cache_write_tokens": int(c_write),
+                "cost_usd": round(cost, 9),
+                "unpriced": int(unpriced),
+                "truth": {
+                    "measured": int(measured),
+                    "modeled": int(modeled),
+                    "estimated": int(estimated),
+                },
+            }
+            for (
+                k,
+                calls,
+                inp,
+                out,
+                c_read,
+                c_write,
+                cost,
+                unpriced,
+                measured,
+                modeled,
+                estimated,
+            ) in found
+            if calls
+        ]
+
+    def check_thresholds(
+        self,
+        mission_id: str,
+        warn_at_usd: float | None = None,
+        warn_at_tokens: int | None = None,
+    ) -> list[str]:
+        """Warnings for thresholds crossed by this mission, each returned once across processes.
+
+        ``warn_at_usd`` compares with the priced cost; ``warn_at_tokens`` with all tokens
+        (input + output + cache read + cache write). Each threshold is a separate flag in
+        the ``thresholds`` table, claimed with INSERT OR IGNORE inside the write lock, so
+        exactly one caller, in whatever process, gets each warning.
+        """
+        if warn_at_usd is None and warn_at_tokens is None:
+            return []
+        spend = self.mission_spend(mission_id)
+        tokens = (
+            spend["input_tokens"]
+            + spend["output_tokens"]
+            + spend["cache_read_tokens"]
+            + spend["cache_write_tokens"]
+        )
+        crossed: list[tuple[str, float, float, str]] = []
+        if warn_at_usd is not None and spend["cost_usd"] >= warn_at_usd:
+            crossed.append(
+                (
+                    "warn_at_usd",
+                    float(warn_at_usd),
+                    spend["cost_usd"],
+                    f"mission {mission_id} has spent ${spend['cost_usd']:.2f}, "
+                    f"crossing warn_at_usd ${warn_at_usd:.2f}"
+                    + (f" ({spend['unpriced']} calls unpriced)" if spend["unpriced"] else ""),
+                )
+            )
+        if warn_at_tokens is not None and tokens >= warn_at_tokens:
+            crossed.append(
+                (
+                    "warn_at_tokens",
+                    float(warn_at_tokens),
+                    float(tokens),
+                    f"mission {mission_id} has used {tokens:,} tokens, "
+                    f"crossing warn_at_tokens {warn_at_tokens:,}",
+                )
+            )
+        if not crossed:
+            return []
+        now = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+        def claim() -> list[str]:
+            fired = []
+            for kind, threshold, value, message in crossed:
+                cursor = self._db.execute(
+                    "INSERT OR IGNORE INTO thresholds (mission_id, kind, threshold, value, "
+                    "fired_at) VALUES (?, ?, ?, ?, ?)",
+                    (mission_id, kind, threshold, value, now),
+                )
+                if cursor.rowcount == 1:
+                    fired.append(message)
+            return fired
+
+        try:
+            return self._write(claim)
+        except sqlite3.Error as exc:
+            raise LedgerError(f"cannot write to the ledger {self.path}: {exc}") from None
+
+    def events(self, mission: str | None = None) -> Iterator[Event]:
+        """Every event (optionally of one mission), oldest first."""
+        sql = "SELECT " + ", ".join(_EVENT_FIELDS) + " FROM events"
+        params: tuple = ()
+        if mission is not None:
+            sql += " WHERE mission_id = ?"
+            params = (mission,)
+        sql += " ORDER BY timestamp, id"
+        for row in self._db.execute(sql, params):
+            values = dict(zip(_EVENT_FIELDS, row, strict=True))
+            values["extra"] = json.loads(values["extra"] or "{}")
+            yield Event(**values)
+
+    def close(self) -> None:
+        """Close the connection (idempotent)."""
+        self._db.close()
+
+
+def _batches(events: Iterable[Event], size: int) -> Iterator[list[Event]]:
+    batch: list[Event] = []
+    for event in events:
+        batch.append(event)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
