@@ -312,13 +312,16 @@ def read_report(path: Path) -> tuple[TestReport | None, str | None]:
         if path.is_symlink():
             return None, f"{path}: report is a symbolic link: refused"
         return None, f"{path}: cannot open report ({exc.strerror})"
-    with os.fdopen(fd, "rb") as handle:
-        info = os.fstat(handle.fileno())
+    try:
+        info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
             return None, f"{path}: report is not a regular file: refused"
         if info.st_size > MAX_REPORT_BYTES:
             return None, f"{path}: report is larger than {MAX_REPORT_BYTES} bytes: refused"
-        data = handle.read(MAX_REPORT_BYTES + 1)
+        with os.fdopen(os.dup(fd), "rb") as handle:
+            data = handle.read(MAX_REPORT_BYTES + 1)
+    finally:
+        os.close(fd)
     try:
         return parse_junit(data), None
     except ReportError as exc:
