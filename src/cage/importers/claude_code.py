@@ -35,12 +35,19 @@ from cage.importers.common import (
     normalise_timestamp,
     token_count,
 )
+from cage.pricing import normalise_anthropic
 
 SOURCE = "claude-code"
 PROVIDER = "anthropic"
 SYNTHETIC_MODEL = "<synthetic>"
 # Lines without this byte string carry no usage and are not parsed (most of a transcript).
 _USAGE_MARKER = b'"usage"'
+_USAGE_COUNTS = (
+    "input_tokens",
+    "output_tokens",
+    "cache_creation_input_tokens",
+    "cache_read_input_tokens",
+)
 
 
 def default_roots(env: dict[str, str] | None = None) -> list[Path]:
@@ -125,23 +132,28 @@ class FileParser:
             return []
         if not isinstance(model, str) or not model:
             raise BadLine("message.model is missing or not a string")
-        input_tokens = token_count(usage, "input_tokens", "message.usage.")
-        output_tokens = token_count(usage, "output_tokens", "message.usage.")
-        cache_read = token_count(usage, "cache_read_input_tokens", "message.usage.")
-        extra: dict[str, Any] = {}
+        # Validate every count first (a bad one names its field), then normalise in the one
+        # place that knows Anthropic's counting (cage.pricing).
+        for name in _USAGE_COUNTS:
+            token_count(usage, name, "message.usage.")
         breakdown = usage.get("cache_creation")
+        extra: dict[str, Any] = {}
         if isinstance(breakdown, dict):
             where = "message.usage.cache_creation."
-            w5m = token_count(breakdown, "ephemeral_5m_input_tokens", where)
-            w1h = token_count(breakdown, "ephemeral_1h_input_tokens", where)
-            cache_write = w5m + w1h
             # Priced differently (1h writes cost more): kept for pricing and for reports.
-            extra["cache_write_5m_tokens"] = w5m
-            extra["cache_write_1h_tokens"] = w1h
+            extra["cache_write_5m_tokens"] = token_count(
+                breakdown, "ephemeral_5m_input_tokens", where
+            )
+            extra["cache_write_1h_tokens"] = token_count(
+                breakdown, "ephemeral_1h_input_tokens", where
+            )
         elif breakdown is not None:
             raise BadLine("message.usage.cache_creation is not an object")
-        else:
-            cache_write = token_count(usage, "cache_creation_input_tokens", "message.usage.")
+        counts = normalise_anthropic(usage)
+        input_tokens = counts.input_tokens
+        output_tokens = counts.output_tokens
+        cache_read = counts.cache_read_tokens
+        cache_write = counts.cache_write_tokens
         timestamp = normalise_timestamp(outer.get("timestamp"))
 
         message_id = _optional_str(message, "id", "message.id")
@@ -192,7 +204,8 @@ class FileParser:
             "cache_read_tokens": cache_read,
             "cache_write_tokens": cache_write,
             "cost_usd": float(cost) if cost is not None else None,
-            "truth": "measured" if cost is not None else "estimated",
+            # Usage reported by the API: measured tokens (priced later -> modeled).
+            "truth": "measured",
             "request_id": ledger_id,
             "source": SOURCE,
             "extra": extra,

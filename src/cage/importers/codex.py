@@ -30,6 +30,7 @@ from cage.importers.common import (
     normalise_timestamp,
     token_count,
 )
+from cage.pricing import normalise_openai
 
 SOURCE = "codex"
 PROVIDER = "openai"
@@ -140,7 +141,7 @@ class FileParser:
         if not isinstance(model, str) or not model:
             model = UNKNOWN_MODEL
         session = ctx.get("session") or self.path.stem
-        cached = min(turn["cached_input_tokens"], turn["input_tokens"])
+        counts = normalise_openai(turn)  # input includes the cached part: subtracted there
         extra: dict[str, Any] = {"session_id": session}
         if turn["reasoning_output_tokens"]:
             extra["reasoning_tokens"] = turn["reasoning_output_tokens"]
@@ -150,12 +151,12 @@ class FileParser:
             "timestamp": timestamp,
             "provider": PROVIDER,
             "model": model,
-            "input_tokens": turn["input_tokens"] - cached,
-            "output_tokens": turn["output_tokens"],
-            "cache_read_tokens": cached,
+            "input_tokens": counts.input_tokens,
+            "output_tokens": counts.output_tokens,
+            "cache_read_tokens": counts.cache_read_tokens,
             "cache_write_tokens": 0,
             "cost_usd": None,
-            "truth": "estimated",
+            "truth": "measured",  # tokens the API reported; priced later -> modeled
             "request_id": f"{SOURCE}:{session}:{ctx['running_total']}",
             "source": SOURCE,
             "extra": extra,

@@ -140,9 +140,9 @@ def event_fields(obj: dict) -> dict:
     truth = obj.get("truth")
     if truth is not None and truth not in TRUTH_LABELS:
         raise BadLine(f"truth {str(truth)[:40]!r} is not one of {', '.join(TRUTH_LABELS)}")
-    if cost is None:
-        truth = "estimated"  # priced later from the table (modeled) when the model is known
-    elif truth is None:
+    if truth is None:
+        # Counts in such a log come from the API's usage: measured tokens (and a cost given
+        # with them is the provider's). Without a cost the price table applies -> modeled.
         truth = "measured"
 
     fields: dict[str, Any] = {
