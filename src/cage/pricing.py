@@ -527,3 +527,16 @@ def per_token_prices(provider: str, model: str, when: datetime | None = None) ->
         if value is not None and not key.startswith("_"):
             out[key] = str(value) if isinstance(value, Decimal) else repr(value)
     return out
+
+
+@lru_cache(maxsize=1024)
+def guess_provider(model: str) -> str | None:
+    """The provider genai-prices associates with a model name (``claude-…`` -> anthropic),
+    or None. Used only when a source does not say which provider served the call."""
+    from genai_prices import data_snapshot
+
+    try:
+        provider = data_snapshot.get_snapshot().find_provider(model.lower(), None, None)
+    except LookupError:
+        return None
+    return provider.id

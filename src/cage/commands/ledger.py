@@ -1,16 +1,44 @@
-"""`cage ledger` (not built yet)."""
+"""`cage ledger path`: where the spend ledger is."""
 
 from __future__ import annotations
 
 import argparse
+import json
 
 from cage.errors import UsageError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Configure the `ledger` command's arguments."""
+    sub = parser.add_subparsers(dest="action", metavar="ACTION")
+    path = sub.add_parser(
+        "path",
+        help="print where the ledger is",
+        description="Print where the spend ledger is: --ledger, else $CAGE_LEDGER, else the "
+        "user data directory (~/.local/share/cage/ledger.db on Linux).",
+    )
+    path.add_argument("--json", action="store_true", help="print one JSON document on stdout")
+    path.add_argument("--ledger", metavar="PATH", help="a ledger location to resolve instead")
 
 
 def run(args: argparse.Namespace) -> int:
-    """Not built yet."""
-    raise UsageError("`cage ledger` is not available yet")
+    """Print the ledger location (nothing is created)."""
+    import os
+
+    from cage.ledger import default_ledger_location
+
+    if getattr(args, "action", None) != "path":
+        raise UsageError("say what to do: cage ledger path [--json]")
+    if args.ledger:
+        location, origin = args.ledger, "--ledger"
+    elif os.environ.get("CAGE_LEDGER"):
+        location, origin = default_ledger_location(), "CAGE_LEDGER"
+    else:
+        location, origin = default_ledger_location(), "default"
+    is_url = "://" in location
+    exists = None if is_url else os.path.exists(os.path.expanduser(location))
+    if args.json:
+        print(json.dumps({"path": location, "from": origin, "exists": exists}, indent=2))
+    else:
+        print(location)
+    return 0
