@@ -19,7 +19,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 SCHEMA = "cage.verdict/v1"
@@ -144,7 +144,6 @@ REASON_CODES: dict[str, tuple[int, str]] = {
         RULE_INFO,
         "a spend statement was given but could not be verified; it is ignored",
     ),
-    "spend_not_evaluated": (RULE_INFO, "spend was not part of this verdict"),
 }
 
 
@@ -1011,7 +1010,7 @@ def _replay(
                 f"replaying at base {base[:12]}: {steps} (timeout {v.timeout_seconds:g}s each)",
             )
             clock = time.monotonic()
-            base_side = replay.run_side("base", worktree.path, v, _sub(log_dir, "base"))
+            base_side = replay.run_side("base", worktree.path, v, Path(log_dir))
             timings["replay_base_s"] = time.monotonic() - clock
             verification["replayed"] = True
             verification["base"] = _side_dict(base_side)
@@ -1028,7 +1027,7 @@ def _replay(
                     f"replaying at head {head[:12]}: {steps} (timeout {v.timeout_seconds:g}s each)",
                 )
                 clock = time.monotonic()
-                head_side = replay.run_side("head", worktree.path, v, _sub(log_dir, "head"))
+                head_side = replay.run_side("head", worktree.path, v, Path(log_dir))
                 timings["replay_head_s"] = time.monotonic() - clock
                 verification["head"] = _side_dict(head_side)
             else:
@@ -1044,14 +1043,6 @@ def _replay(
     finally:
         shutil.rmtree(log_dir, ignore_errors=True)
     return judge_replay(base_side, head_side, v)
-
-
-def _sub(root: str, name: str) -> Any:
-    from pathlib import Path
-
-    path = Path(root) / name
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 def _worth_running_head(base_side: Any, evidence: str) -> bool:

@@ -1,16 +1,211 @@
-"""`cage ci` (not built yet)."""
+"""`cage ci`: adjudicate a pull request in CI (PASS, BLOCKED or HUMAN_APPROVAL_REQUIRED).
+
+Only argument handling and output live here; the gate itself is ``cage.adjudicate``.
+Exit codes: PASS 0, BLOCKED 1, HUMAN_APPROVAL_REQUIRED 3, usage error 2.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import sys
+from typing import Any
 
 from cage.errors import UsageError
+
+# What to do next, by the code of the reason that decided the verdict.
+NEXT_STEPS: dict[str, str] = {
+    "no_revisions": "pass --base REV --head REV, or run in a pull_request or merge_group workflow",
+    "bad_revision": "give a commit SHA or a ref that does not start with '-'",
+    "bad_event": "run in a pull_request or merge_group workflow, or pass --base and --head",
+    "untrusted_event": "trigger the workflow on pull_request or merge_group (never *_target)",
+    "not_a_repository": "run in the checked-out repository or pass --repo",
+    "unresolvable_revision": "fetch both commits: actions/checkout with fetch-depth: 0",
+    "policy_missing": "commit .runcap/mission.yaml to the base branch (`cage policy init`)",
+    "policy_invalid": "fix the policy on the base branch (`cage policy check`)",
+    "empty_change": "push a commit that changes something",
+    "internal_error": "re-run; if it persists, report the error above. The gate fails closed",
+    "structural": (
+        "drop the structural change (deletion, mode, symlink, submodule, binary, LFS, "
+        "encoding) or land it in a pull request reviewed by a person"
+    ),
+    "human": (
+        "a maintainer must review the change to the verifier; land verifier changes "
+        "separately first, so the next run reads them from base"
+    ),
+    "out_of_scope": "keep the change inside verification.allow (widen it in a reviewed change)",
+    "baseline_already_green": (
+        "the verify command must fail before the fix: point verification.command at a test "
+        "that reproduces the problem"
+    ),
+    "setup_failed": "fix verification.setup on the base branch",
+    "timeout": "make the command faster or raise verification.timeout_seconds",
+    "regression_failed": "the change breaks tests that passed before it: fix them",
+    "spend_over_limit": "the mission spent more than budget.mission_hard_limit_usd",
+    "verification": "the change does not make the verify command pass at head: run it locally",
+}
+
+STRUCTURAL = {
+    "deleted_path",
+    "mode_changed",
+    "new_executable",
+    "symlink",
+    "gitlink",
+    "binary_content",
+    "lfs_pointer",
+    "not_utf8",
+    "unsupported_change",
+}
+SHOWN_PER_CODE = 10
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Configure the `ci` command's arguments."""
+    parser.add_argument(
+        "--mode",
+        choices=("adjudicate", "grade"),
+        required=True,
+        help="adjudicate: replay the verify command and print a verdict",
+    )
+    parser.add_argument("--base", metavar="REV", help="base commit (SHA or ref); with --head")
+    parser.add_argument("--head", metavar="REV", help="head commit (SHA or ref); with --base")
+    parser.add_argument("--repo", metavar="PATH", default=".", help="repository (default: .)")
+    parser.add_argument("--json", action="store_true", help="print one cage.verdict/v1 document")
+    parser.add_argument(
+        "--spend-evidence",
+        metavar="PATH",
+        help="a signed spend statement (not verified by this version: always ignored)",
+    )
+
+
+def _progress(message: str) -> None:
+    print(f"cage: {message}", file=sys.stderr, flush=True)
 
 
 def run(args: argparse.Namespace) -> int:
-    """Not built yet."""
-    raise UsageError("`cage ci` is not available yet")
+    """Adjudicate base..head (from the options or the GitHub event) and report the verdict."""
+    if args.mode == "grade":
+        raise UsageError("`cage ci --mode grade` is not available yet; use --mode adjudicate")
+    if (args.base is None) != (args.head is None):
+        raise UsageError("give both --base and --head, or neither (then the GitHub event is read)")
+    from cage import adjudicate as adj
+
+    try:
+        verdict = _adjudicate(args)
+    except Exception as exc:  # fail closed: a crash must be a BLOCKED verdict, not a traceback
+        verdict = adj.blocked("internal_error", f"cage failed: {type(exc).__name__}: {exc}")
+        verdict.error = f"{type(exc).__name__}: {exc}"
+    if verdict.error:
+        print(f"cage: internal error: {verdict.error}", file=sys.stderr)
+    _publish(verdict, json_mode=args.json)
+    if args.json:
+        sys.stdout.write(json.dumps(verdict.to_dict(), indent=2, ensure_ascii=False) + "\n")
+    else:
+        sys.stdout.write("\n".join(text_report(verdict)) + "\n")
+    sys.stdout.flush()
+    return verdict.exit_code
+
+
+def _adjudicate(args: argparse.Namespace) -> Any:
+    from cage import adjudicate as adj
+    from cage import github
+
+    if args.base is not None:
+        base, head = args.base, args.head
+    else:
+        found = github.revisions_from_event(os.environ)
+        if isinstance(found, adj.Reason):
+            return adj.blocked(found.code, found.message)
+        base, head = found
+    return adj.adjudicate(
+        args.repo, base, head, spend_evidence_path=args.spend_evidence, progress=_progress
+    )
+
+
+def _publish(verdict: Any, *, json_mode: bool) -> None:
+    """GitHub outputs, step summary and annotations (only on GitHub)."""
+    from cage import github
+
+    for problem in github.publish(verdict):
+        print(f"cage: warning: {problem}", file=sys.stderr)
+    if os.environ.get("GITHUB_ACTIONS") == "true":
+        # The runner reads workflow commands from stdout and stderr alike; with --json stdout
+        # holds exactly one JSON document, so annotations go to stderr.
+        stream = sys.stderr if json_mode else sys.stdout
+        for line in github.annotations(verdict):
+            print(line, file=stream)
+        stream.flush()
+
+
+def _next_step(code: str) -> str:
+    from cage import adjudicate as adj
+
+    if code in NEXT_STEPS:
+        return NEXT_STEPS[code]
+    if code in STRUCTURAL:
+        return NEXT_STEPS["structural"]
+    if adj.rule_of(code) == adj.RULE_HUMAN:
+        return NEXT_STEPS["human"]
+    return NEXT_STEPS["verification"]
+
+
+def _run_line(label: str, result: dict[str, Any] | None) -> str | None:
+    if result is None:
+        return None
+    exit_text = "timed out" if result.get("timed_out") else f"exit {result.get('exit_code')}"
+    tests = result.get("tests")
+    counts = ""
+    if tests:
+        parts = [f"{tests.get(k, 0)} {k}" for k in ("passed", "failed", "error", "skipped")]
+        counts = ", " + ", ".join(p for p in parts if not p.startswith("0 "))
+    return f"  {label}: {exit_text}{counts}, {result.get('duration_s', 0):.1f}s"
+
+
+def text_report(verdict: Any) -> list[str]:
+    """The human summary: verdict, reasons, verification, what to do next."""
+    from cage.github import printable
+
+    doc = verdict.to_dict()
+    meaning = {
+        "PASS": "the change may merge",
+        "BLOCKED": "the change may not merge",
+        "HUMAN_APPROVAL_REQUIRED": "a person must approve the change",
+    }[doc["verdict"]]
+    lines = [f"{doc['verdict']}: {meaning} (verification {doc['verification']['status']})"]
+    if doc["reasons"]:
+        lines.append("reasons:")
+    shown: dict[str, int] = {}
+    for reason in doc["reasons"]:
+        n = shown[reason["code"]] = shown.get(reason["code"], 0) + 1
+        if n <= SHOWN_PER_CODE:
+            lines.append(f"  - {reason['code']}: {printable(reason['message'])}")
+    for code, n in shown.items():
+        if n > SHOWN_PER_CODE:
+            lines.append(f"  … and {n - SHOWN_PER_CODE} more {code} (see --json)")
+    if doc["policy"]:
+        lines.append(f"policy: {doc['policy']['path']} at base, sha256 {doc['policy']['hash']}")
+    if doc["base"] and doc["head"]:
+        lines.append(f"base {doc['base']}  head {doc['head']}  ({len(doc['changes'])} paths)")
+    v = doc["verification"]
+    if v.get("replayed"):
+        lines.append("verification:")
+        for side in ("base", "head"):
+            data = v.get(side) or {}
+            for key in ("setup", "command"):
+                row = _run_line(f"{key} at {side}", data.get(key))
+                if row:
+                    lines.append(row)
+        reg = v.get("regression") or {}
+        for side in ("base", "head"):
+            row = _run_line(f"regression at {side}", reg.get(side))
+            if row:
+                lines.append(row)
+    elif v.get("skipped_reason"):
+        lines.append(f"verification: not replayed: {printable(v['skipped_reason'])}")
+    deciding = next((r["code"] for r in doc["reasons"] if r["code"]), None)
+    if doc["verdict"] == "PASS":
+        lines.append("next: nothing; the check passes")
+    elif deciding:
+        lines.append(f"next: {_next_step(deciding)}")
+    return lines
