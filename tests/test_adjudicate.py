@@ -349,3 +349,11 @@ def test_verdict_document_shape():
     for key in ("policy", "base", "head", "changes", "verification", "spend", "timings"):
         assert key in doc
     assert set(doc["verification"]) >= {"status", "base", "head", "regression"}
+
+
+def test_every_tamper_pattern_is_in_the_docs():
+    from cage import tamper
+
+    docs = (Path(adj.__file__).parent.parent.parent / "docs" / "ci.md").read_text()
+    missing = [r.code for r in tamper.RULES if f"`tamper_{r.code}`" not in docs]
+    assert missing == []
