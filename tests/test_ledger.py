@@ -1,0 +1,357 @@
+"""The spend ledger on real SQLite files: schema, idempotence, concurrency, reports."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from cage.errors import LedgerError
+from cage.ledger import (
+    MIGRATIONS,
+    SCHEMA_VERSION,
+    Event,
+    Ledger,
+    default_ledger_path,
+    normalise_timestamp,
+    parse_bound,
+)
+
+
+def ev(n: int = 0, **fields) -> Event:
+    base = {
+        "timestamp": "2026-11-23T10:00:00Z",
+        "provider": "anthropic",
+        "model": "claude-sonnet-4",
+        "input_tokens": 100,
+        "output_tokens": 10,
+        "cost_usd": 0.5,
+        "truth": "modeled",
+        "request_id": f"req-{n}",
+    }
+    base.update(fields)
+    return Event(**base)
+
+
+@pytest.fixture
+def ledger(tmp_path: Path):
+    with Ledger.open(tmp_path / "ledger.db") as opened:
+        yield opened
+
+
+def test_default_path_follows_cage_ledger(monkeypatch, tmp_path):
+    monkeypatch.setenv("CAGE_LEDGER", str(tmp_path / "x.db"))
+    assert default_ledger_path() == tmp_path / "x.db"
+
+
+def test_default_path_uses_xdg_data_home(monkeypatch, tmp_path):
+    if sys.platform == "darwin" or sys.platform.startswith("win"):
+        pytest.skip("XDG applies to Linux and other Unixes")
+    monkeypatch.delenv("CAGE_LEDGER")
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path))
+    assert default_ledger_path() == tmp_path / "cage" / "ledger.db"
+    monkeypatch.delenv("XDG_DATA_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert default_ledger_path() == tmp_path / "home" / ".local" / "share" / "cage" / "ledger.db"
+
+
+def test_open_creates_a_wal_ledger_at_the_current_schema(tmp_path):
+    path = tmp_path / "deep" / "ledger.db"
+    Ledger.open(path).close()
+    db = sqlite3.connect(path)
+    assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+
+
+def test_postgresql_url_is_refused_clearly():
+    with pytest.raises(LedgerError, match="PostgreSQL ledgers are not supported") as info:
+        Ledger.open("postgresql://cage:secret@db.example/cage")
+    assert "secret" not in str(info.value)
+
+
+def test_not_a_database_is_a_clear_error(tmp_path):
+    path = tmp_path / "ledger.db"
+    path.write_bytes(b"this is not sqlite" * 100)
+    with pytest.raises(LedgerError, match="not a usable cage ledger"):
+        Ledger.open(path)
+
+
+def test_newer_ledger_is_refused(tmp_path):
+    path = tmp_path / "ledger.db"
+    Ledger.open(path).close()
+    db = sqlite3.connect(path)
+    db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    db.commit()
+    db.close()
+    with pytest.raises(LedgerError, match="upgrade cage"):
+        Ledger.open(path)
+
+
+def test_migration_from_version_0_and_from_version_1_with_data(tmp_path):
+    # Version 0: an empty SQLite file.
+    empty = tmp_path / "empty.db"
+    sqlite3.connect(empty).close()
+    with Ledger.open(empty) as opened:
+        assert opened.add(ev(1))
+        assert opened.report("model")[0]["calls"] == 1
+
+    # Version 1: events but no rollup yet; migrating must backfill the totals.
+    old = tmp_path / "old.db"
+    db = sqlite3.connect(old)
+    for sql in MIGRATIONS[0]:
+        db.execute(sql)
+    db.execute("PRAGMA user_version = 1")
+    db.executemany(
+        "INSERT INTO events (timestamp, provider, model, input_tokens, cost_usd, truth, "
+        "request_id) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        [
+            ("2026-11-20T01:00:00Z", "openai", "gpt-4o", 10, 1.0, "modeled", "a"),
+            ("2026-11-21T01:00:00Z", "openai", "gpt-4o", 5, None, "estimated", "b"),
+        ],
+    )
+    db.commit()
+    db.close()
+    with Ledger.open(old) as opened:
+        (row,) = opened.report("model")
+        assert (row["calls"], row["input_tokens"], row["cost_usd"], row["unpriced"]) == (
+            2,
+            15,
+            1.0,
+            1,
+        )
+        assert not opened.add(ev(0, request_id="a"))
+    assert sqlite3.connect(old).execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+
+
+def test_add_is_idempotent_by_request_id(ledger):
+    assert ledger.add(ev(1)) is True
+    assert ledger.add(ev(1)) is False
+    assert ledger.add_many([ev(1), ev(2), ev(2), ev(3)]) == (2, 2)
+    # No request id: never a duplicate.
+    assert ledger.add_many([ev(0, request_id=None)] * 3) == (3, 0)
+    assert ledger.report("model")[0]["calls"] == 6
+
+
+def test_bad_events_are_refused_with_a_message(ledger):
+    with pytest.raises(LedgerError, match="truth"):
+        ledger.add(ev(1, truth="guessed"))
+    with pytest.raises(LedgerError, match="timestamp"):
+        ledger.add(ev(1, timestamp="yesterday"))
+    with pytest.raises(LedgerError, match="token counts"):
+        ledger.add(ev(1, input_tokens=-1))
+    assert ledger.report("model") == []
+
+
+def test_timestamps_are_stored_as_sortable_utc_text(ledger):
+    assert normalise_timestamp("2026-11-23T10:00:00.123456Z") == "2026-11-23T10:00:00Z"
+    assert normalise_timestamp("2026-11-23T11:00:00+01:00") == "2026-11-23T10:00:00Z"
+    assert normalise_timestamp("2026-11-23T10:00:00.5+00:00") == "2026-11-23T10:00:00Z"
+    ledger.add(ev(1, timestamp="2026-11-24T00:30:00+01:00"))
+    (event,) = list(ledger.events())
+    assert event.timestamp == "2026-11-23T23:30:00Z"
+    assert [r["key"] for r in ledger.report("day")] == ["2026-11-23"]
+
+
+def test_events_round_trip_with_extra(ledger):
+    original = ev(1, caller="bot", mission_id="m1", extra={"cache_write_1h_tokens": 4})
+    ledger.add(original)
+    (back,) = list(ledger.events())
+    assert back == original
+
+
+def test_report_groups_sorts_and_counts_unpriced(ledger):
+    ledger.add_many(
+        [
+            ev(1, model="b-model", cost_usd=1.0),
+            ev(2, model="a-model", cost_usd=1.0),
+            ev(3, model="c-model", cost_usd=2.0, truth="measured"),
+            ev(4, model="unknown-model", cost_usd=None, truth="modeled"),
+            ev(5, model="a-model", cost_usd=None, truth="estimated", cache_read_tokens=7),
+        ]
+    )
+    rows = ledger.report("model")
+    # Cost desc, then name: the tie between a-model and b-model is broken by name.
+    assert [r["key"] for r in rows] == ["c-model", "a-model", "b-model", "unknown-model"]
+    a = rows[1]
+    assert a["calls"] == 2
+    assert a["cost_usd"] == 1.0
+    assert a["unpriced"] == 1
+    assert a["cache_read_tokens"] == 7
+    assert a["truth"] == {"measured": 0, "modeled": 1, "estimated": 1}
+    assert rows[3]["unpriced"] == 1
+    assert rows[3]["cost_usd"] == 0.0
+
+
+def test_report_by_every_key_and_null_keys_last(ledger):
+    ledger.add_many(
+        [
+            ev(1, caller="bot", mission_id="m1", provider="openai", model="gpt-4o"),
+            ev(2, caller=None, mission_id=None, cost_usd=0.25),
+            ev(3, caller="", mission_id="m2", timestamp="2026-11-24T00:00:00Z", cost_usd=0.25),
+        ]
+    )
+    assert [r["key"] for r in ledger.report("caller")] == ["bot", None]
+    assert [r["calls"] for r in ledger.report("caller")] == [1, 2]
+    assert [r["key"] for r in ledger.report("mission")] == ["m1", "m2", None]
+    assert [r["key"] for r in ledger.report("provider")] == ["anthropic", "openai"]
+    assert [r["key"] for r in ledger.report("day")] == ["2026-11-23", "2026-11-24"]
+    with pytest.raises(LedgerError, match="cannot report by"):
+        ledger.report("colour")
+
+
+def test_report_date_and_time_bounds(ledger):
+    ledger.add_many(
+        [
+            ev(1, timestamp="2026-11-22T23:59:59Z"),
+            ev(2, timestamp="2026-11-23T00:00:00Z"),
+            ev(3, timestamp="2026-11-23T12:00:00Z"),
+            ev(4, timestamp="2026-11-23T23:59:59Z"),
+            ev(5, timestamp="2026-11-24T00:00:00Z", mission_id="m"),
+        ]
+    )
+
+    def calls(**bounds) -> int:
+        return sum(r["calls"] for r in ledger.report("model", **bounds))
+
+    assert calls(since="2026-11-23", until="2026-11-23") == 3
+    assert calls(since="2026-11-23") == 4
+    assert calls(until="2026-11-23") == 4
+    # Timestamp bounds are inclusive and read the events table.
+    assert calls(since="2026-11-23T12:00:00Z", until="2026-11-23T23:59:59Z") == 2
+    assert calls(since="2026-11-23T12:00:01Z") == 2
+    assert calls(mission="m") == 1
+    assert calls(mission="m", until="2026-11-23T23:00:00Z") == 0
+    with pytest.raises(LedgerError, match="not a date"):
+        ledger.report("model", since="2026-02-30")
+    assert parse_bound("2026-11-23", end=True) == "2026-11-24T00:00:00Z"
+
+
+def test_manual_delete_and_update_keep_reports_right(ledger):
+    ledger.add_many([ev(1), ev(2, model="other"), ev(3)])
+    db = sqlite3.connect(ledger.location)
+    db.execute("DELETE FROM events WHERE request_id = 'req-1'")
+    db.execute("UPDATE events SET model = 'renamed' WHERE request_id = 'req-2'")
+    db.commit()
+    db.close()
+    rows = {r["key"]: r["calls"] for r in ledger.report("model")}
+    assert rows == {"claude-sonnet-4": 1, "renamed": 1}
+
+
+def test_mission_spend(ledger):
+    ledger.add_many(
+        [
+            ev(1, mission_id="m1", cost_usd=1.25, model="a"),
+            ev(2, mission_id="m1", cost_usd=None, model="b", truth="estimated"),
+            ev(3, mission_id="m2", cost_usd=9.0),
+        ]
+    )
+    spend = ledger.mission_spend("m1")
+    assert spend["mission_id"] == "m1"
+    assert spend["calls"] == 2
+    assert spend["cost_usd"] == 1.25
+    assert spend["unpriced"] == 1
+    assert spend["input_tokens"] == 200
+    assert spend["truth"] == {"measured": 0, "modeled": 1, "estimated": 1}
+    assert set(spend["by_model"]) == {"a", "b"}
+    assert ledger.mission_spend("nothing")["calls"] == 0
+
+
+def test_thresholds_fire_once_each_across_ledger_instances(tmp_path):
+    path = tmp_path / "ledger.db"
+    first = Ledger.open(path)
+    second = Ledger.open(path)
+    first.add(ev(1, mission_id="m", cost_usd=3.0, input_tokens=1000, output_tokens=0))
+    assert first.check_thresholds("m", warn_at_usd=4, warn_at_tokens=5000) == []
+    first.add(ev(2, mission_id="m", cost_usd=1.5, input_tokens=1000, output_tokens=0))
+    fired = second.check_thresholds("m", warn_at_usd=4, warn_at_tokens=5000)
+    assert len(fired) == 1 and "warn_at_usd" in fired[0] and "$4.50" in fired[0]
+    assert first.check_thresholds("m", warn_at_usd=4, warn_at_tokens=5000) == []
+    first.add(ev(3, mission_id="m", cost_usd=0.0, input_tokens=4000, output_tokens=0))
+    fired = first.check_thresholds("m", warn_at_usd=4, warn_at_tokens=5000)
+    assert len(fired) == 1 and "warn_at_tokens" in fired[0]
+    assert second.check_thresholds("m", warn_at_usd=4, warn_at_tokens=5000) == []
+    # Another mission has its own flags.
+    second.add(ev(4, mission_id="other", cost_usd=10.0))
+    assert len(second.check_thresholds("other", warn_at_usd=4)) == 1
+    first.close()
+    second.close()
+
+
+WRITER = textwrap.dedent(
+    """
+    import sys
+    from cage.ledger import Event, Ledger
+    worker, count = int(sys.argv[1]), int(sys.argv[2])
+    events = (
+        Event(timestamp="2026-11-23T10:00:00Z", provider="openai", model="gpt-4o",
+              input_tokens=1, output_tokens=2, cost_usd=0.001, truth="modeled",
+              caller=f"w{worker}", request_id=f"w{worker}-{i}")
+        for i in range(count)
+    )
+    with Ledger.open(sys.argv[3]) as ledger:
+        print(ledger.add_many(events))
+    """
+)
+
+
+def test_eight_concurrent_writers_leave_exactly_80000_rows(tmp_path):
+    path = tmp_path / "ledger.db"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", WRITER, str(worker), "10000", str(path)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for worker in range(8)
+    ]
+    for proc in procs:
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err
+        assert out.strip() == "(10000, 0)"
+    db = sqlite3.connect(path)
+    assert db.execute("SELECT count(*), count(DISTINCT request_id) FROM events").fetchone() == (
+        80_000,
+        80_000,
+    )
+    with Ledger.open(path) as ledger:
+        rows = ledger.report("caller")
+    assert sorted(r["key"] for r in rows) == [f"w{i}" for i in range(8)]
+    assert all(r["calls"] == 10_000 for r in rows)
+
+
+CRASHER = textwrap.dedent(
+    """
+    import os, sys
+    from cage.ledger import Event, Ledger
+    def events():
+        for i in range(10_000):
+            if i == 2_500:
+                os._exit(9)  # a crash: no close, no rollback, no atexit
+            yield Event(timestamp="2026-11-23T10:00:00Z", provider="openai", model="gpt-4o",
+                        request_id=f"r{i}")
+    Ledger.open(sys.argv[1]).add_many(events())
+    """
+)
+
+
+def test_a_crash_mid_import_keeps_every_committed_batch(tmp_path):
+    path = tmp_path / "ledger.db"
+    done = subprocess.run([sys.executable, "-c", CRASHER, str(path)], check=False)
+    assert done.returncode == 9
+    with Ledger.open(path) as ledger:
+        # Batches of 1,000 were committed before the crash; the batch in flight is lost.
+        assert ledger.report("model")[0]["calls"] == 2_000
+        # Re-running the import restores the rest without duplicates.
+        more = (ev(i, request_id=f"r{i}", provider="openai", model="gpt-4o") for i in range(3000))
+        assert ledger.add_many(more) == (1000, 2000)
+
+
+def test_ledger_file_is_private_to_the_test(tmp_path):
+    # conftest points CAGE_LEDGER at a temporary file: never the user's ledger.
+    assert str(default_ledger_path()) == os.environ["CAGE_LEDGER"]
