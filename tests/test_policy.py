@@ -751,3 +751,13 @@ def test_directory_instead_of_file(tmp_path):
     with pytest.raises(PolicyError) as info:
         load_policy_file(tmp_path)
     assert info.value.message == f"{tmp_path}: is a directory, not a policy file"
+
+
+def test_top_level_list_after_comments_points_at_the_list(tmp_path):
+    problem = one_problem(tmp_path, b"# a policy\n\n- version: v1\n")
+    assert problem.startswith(f"{tmp_path / 'mission.yaml'}:3:1: the policy must be a mapping")
+
+
+def test_missing_top_level_key_points_at_the_first_key(tmp_path):
+    problem = one_problem(tmp_path, "# header\n" + MINIMAL.replace("version: v1\n", ""))
+    assert problem == f"{tmp_path / 'mission.yaml'}:2:1: version is required (write `version: v1`)"

@@ -177,10 +177,12 @@ def load_policy(data: bytes, source: str = POLICY_PATH) -> Policy:
         )
     if not isinstance(document, dict):
         found = "a list" if isinstance(document, list) else f"a single value {_show(document)}"
-        raise PolicyError(
-            f"{source}:1:1: the policy must be a mapping of keys (version, mission, budget, "
-            f"verification, ...), found {found}"
+        problem = _Problem(
+            marks.get(()),
+            "the policy must be a mapping of keys (version, mission, budget, verification, "
+            f"...), found {found}",
         )
+        raise _policy_error(source, [problem])
     _normalise_off(document)
     version = document.get("version", SUPPORTED_VERSION)
     if version != SUPPORTED_VERSION:
