@@ -69,7 +69,7 @@ def revisions_from_event(env: Mapping[str, str]) -> tuple[str, str] | Reason:
         why = UNTRUSTED_EVENTS.get(name, "only pull_request and merge_group are trusted")
         return Reason(
             "untrusted_event",
-            f"event {printable(name)!r} is not trusted: {why}; "
+            f"event '{printable(name)}' is not trusted: {why}; "
             "trigger the workflow on pull_request or merge_group",
         )
     if not path:
