@@ -374,20 +374,27 @@ def _command_processes(
     session found elsewhere (without a subreaper, orphans go to init)."""
     import psutil
 
-    me = psutil.Process()
+    # One pass over the process table (a per-process children() call rescans the whole
+    # table each time, quadratic when hundreds of orphans land on cage at once).
+    me = os.getpid()
+    children_of: dict[int, list[psutil.Process]] = {}
+    everyone: list[psutil.Process] = []
+    for proc in psutil.process_iter(["ppid"]):
+        everyone.append(proc)
+        children_of.setdefault(proc.info["ppid"], []).append(proc)
     found: dict[int, psutil.Process] = {}
-    for child in me.children():
-        ident = _identity(child)
-        if ident is None or ident in known_children:
-            continue
-        found[child.pid] = child
-        try:
-            for descendant in child.children(recursive=True):
-                found[descendant.pid] = descendant
-        except psutil.Error:
-            pass
+    stack = [
+        child
+        for child in children_of.get(me, [])
+        if (ident := _identity(child)) is not None and ident not in known_children
+    ]
+    while stack:
+        proc = stack.pop()
+        if proc.pid not in found:
+            found[proc.pid] = proc
+            stack.extend(children_of.get(proc.pid, []))
     if not _subreaper:
-        for proc in psutil.process_iter():
+        for proc in everyone:
             with contextlib.suppress(OSError):
                 if proc.pid not in found and os.getsid(proc.pid) == shell_pid:
                     found[proc.pid] = proc
