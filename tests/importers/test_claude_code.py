@@ -235,7 +235,7 @@ def test_cache_creation_breakdown_is_the_cache_write_count(tmp_path, ledger_db, 
     [row] = ledger_rows(ledger_db)
     assert row["cache_write_tokens"] == 500
     extra = json.loads(row["extra"])
-    assert (extra["cache_write_5m_tokens"], extra["cache_write_1h_tokens"]) == (300, 200)
+    assert extra["cache_write_1h_tokens"] == 200  # priced at the 1h rate
 
 
 def test_cost_in_transcript_is_measured_else_priced(tmp_path, ledger_db, capsys):
@@ -343,3 +343,36 @@ def test_progress_lines_nested_usage_is_read(tmp_path, ledger_db, capsys):
     run_import(capsys, str(tmp_path / "claude"))
     [row] = ledger_rows(ledger_db)
     assert (row["request_id"], row["output_tokens"]) == ("claude-code:msg_n:req_n", 77)
+
+
+def test_counts_agree_with_the_pricing_normaliser(tmp_path):
+    """The importer's inline counting is cage.pricing.normalise_anthropic's, shape by shape."""
+    from cage.pricing import normalise_anthropic
+
+    shapes = [
+        {"cache_write": 40, "cache_read": 7},
+        {
+            "cache_write": 40,
+            "cache_creation": {"ephemeral_5m_input_tokens": 0, "ephemeral_1h_input_tokens": 0},
+        },
+        {"cache_creation": {"ephemeral_5m_input_tokens": 11, "ephemeral_1h_input_tokens": 5}},
+        {"cache_write": 3, "cache_creation": {"ephemeral_1h_input_tokens": 9}},
+    ]
+    lines = [claude_line(f"msg_{i}", "req", **shape) for i, shape in enumerate(shapes)]
+    path = write_lines(tmp_path / "s.jsonl", lines)
+    for line, fields in zip(lines, list(claude_code.parse_file(path)), strict=True):
+        expected = normalise_anthropic(json.loads(line)["message"]["usage"])
+        got = (
+            fields["input_tokens"],
+            fields["output_tokens"],
+            fields["cache_read_tokens"],
+            fields["cache_write_tokens"],
+            fields["extra"].get("cache_write_1h_tokens", 0),
+        )
+        assert got == (
+            expected.input_tokens,
+            expected.output_tokens,
+            expected.cache_read_tokens,
+            expected.cache_write_tokens,
+            expected.cache_write_1h_tokens,
+        )

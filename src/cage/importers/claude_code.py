@@ -35,19 +35,12 @@ from cage.importers.common import (
     normalise_timestamp,
     token_count,
 )
-from cage.pricing import normalise_anthropic
 
 SOURCE = "claude-code"
 PROVIDER = "anthropic"
 SYNTHETIC_MODEL = "<synthetic>"
 # Lines without this byte string carry no usage and are not parsed (most of a transcript).
 _USAGE_MARKER = b'"usage"'
-_USAGE_COUNTS = (
-    "input_tokens",
-    "output_tokens",
-    "cache_creation_input_tokens",
-    "cache_read_input_tokens",
-)
 
 
 def default_roots(env: dict[str, str] | None = None) -> list[Path]:
@@ -117,7 +110,7 @@ class FileParser:
                 raise BadLine("not a JSON object (malformed or truncated line)")
             return []
         try:
-            obj = json.loads(raw)
+            obj = json.loads(raw.decode("utf-8"))
         except ValueError as exc:
             raise BadLine(f"malformed JSON ({_json_reason(exc)})") from None
         if not isinstance(obj, dict):
@@ -132,28 +125,25 @@ class FileParser:
             return []
         if not isinstance(model, str) or not model:
             raise BadLine("message.model is missing or not a string")
-        # Validate every count first (a bad one names its field), then normalise in the one
-        # place that knows Anthropic's counting (cage.pricing).
-        for name in _USAGE_COUNTS:
-            token_count(usage, name, "message.usage.")
-        breakdown = usage.get("cache_creation")
+        # Anthropic counting: input_tokens excludes the cache, so the four counts are
+        # disjoint as they stand (the rule cage.pricing.normalise_anthropic implements; done
+        # inline here, with each bad count named, because this is the hot loop of an import).
+        input_tokens = token_count(usage, "input_tokens", "message.usage.")
+        output_tokens = token_count(usage, "output_tokens", "message.usage.")
+        cache_read = token_count(usage, "cache_read_input_tokens", "message.usage.")
+        cache_write = token_count(usage, "cache_creation_input_tokens", "message.usage.")
         extra: dict[str, Any] = {}
+        breakdown = usage.get("cache_creation")
         if isinstance(breakdown, dict):
             where = "message.usage.cache_creation."
-            # Priced differently (1h writes cost more): kept for pricing and for reports.
-            extra["cache_write_5m_tokens"] = token_count(
-                breakdown, "ephemeral_5m_input_tokens", where
-            )
-            extra["cache_write_1h_tokens"] = token_count(
-                breakdown, "ephemeral_1h_input_tokens", where
-            )
+            w5m = token_count(breakdown, "ephemeral_5m_input_tokens", where)
+            w1h = token_count(breakdown, "ephemeral_1h_input_tokens", where)
+            if w5m or w1h:
+                # The breakdown is the cache-write count; 1h writes are priced higher.
+                cache_write = w5m + w1h
+                extra["cache_write_1h_tokens"] = w1h
         elif breakdown is not None:
             raise BadLine("message.usage.cache_creation is not an object")
-        counts = normalise_anthropic(usage)
-        input_tokens = counts.input_tokens
-        output_tokens = counts.output_tokens
-        cache_read = counts.cache_read_tokens
-        cache_write = counts.cache_write_tokens
         timestamp = normalise_timestamp(outer.get("timestamp"))
 
         message_id = _optional_str(message, "id", "message.id")
@@ -188,10 +178,6 @@ class FileParser:
             extra["is_sidechain"] = True
         if isinstance(speed, str):
             extra["speed"] = speed
-        if message_id:
-            extra["message_id"] = message_id
-        if request_id:
-            extra["anthropic_request_id"] = request_id
         if obj.get("isApiErrorMessage") is True:
             extra["api_error"] = True
 

@@ -343,6 +343,9 @@ class StateStore:
             return
         self._conn = sqlite3.connect(str(db_path), timeout=30.0, isolation_level=None)
         self._conn.execute("PRAGMA busy_timeout = 30000")
+        # The ledger runs in WAL mode; like its writer, skip the fsync per commit (a crash of
+        # the process loses nothing committed; at worst a power loss re-reads some lines).
+        self._conn.execute("PRAGMA synchronous = NORMAL")
         self._conn.execute(_STATE_SCHEMA)
 
     def get(self, source: str, path: str) -> FileState | None:
@@ -362,15 +365,14 @@ class StateStore:
             context = {}
         return FileState(path, row[0], row[1], row[2], row[3], row[4], context)
 
-    def put(self, source: str, state: FileState) -> None:
-        """Save (replace) the state of one file; committed at once."""
+    def put_many(self, source: str, states: list[FileState]) -> None:
+        """Save (replace) the state of several files in one transaction."""
         if self._memory is not None:
-            self._memory[(source, state.path)] = state
+            for state in states:
+                self._memory[(source, state.path)] = state
             return
-        self._conn.execute(
-            "INSERT OR REPLACE INTO import_state "
-            "(source, path, inode, size, mtime, offset, line, context, updated_at) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        now = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        rows = [
             (
                 source,
                 state.path,
@@ -380,9 +382,24 @@ class StateStore:
                 state.offset,
                 state.line,
                 json.dumps(state.context, separators=(",", ":")),
-                datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-            ),
-        )
+                now,
+            )
+            for state in states
+        ]
+        conn = self._conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.executemany(
+                "INSERT OR REPLACE INTO import_state "
+                "(source, path, inode, size, mtime, offset, line, context, updated_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                rows,
+            )
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
 
     def close(self) -> None:
         """Close the connection."""
@@ -492,17 +509,20 @@ def import_files(
     crash loses nothing: the next run reads again from the saved point and the ledger's
     unique request ids drop what was already stored. ``full`` ignores the saved state.
     """
+    importer = _Importer(source, make_parser, sink, state, report, window, progress)
     for path in files:
-        _FileImport(source, path, make_parser, sink, state, report, window, progress).run(full)
+        importer.run_file(path, full)
+    importer.flush()
 
 
-class _FileImport:
-    """One file's import: read from the resume point, parse, batch, checkpoint."""
+class _Importer:
+    """The loop behind ``import_files``: events are batched across files (a tree of many
+    small transcripts costs one transaction per batch, not one per file), and the state of
+    each file is saved in the same step as the batch that completes it."""
 
     def __init__(
         self,
         source: str,
-        path: Path,
         make_parser: Any,
         sink: Any,
         state: StateStore,
@@ -511,8 +531,6 @@ class _FileImport:
         progress: Progress | None,
     ) -> None:
         self.source = source
-        self.path = path
-        self.display = str(path)
         self.make_parser = make_parser
         self.sink = sink
         self.state = state
@@ -520,18 +538,19 @@ class _FileImport:
         self.window = window
         self.progress = progress
         self.out: list[dict] = []
-        self.resume: FileState | None = None
-        self.parser: Any = None
+        self.done_states: list[FileState] = []  # files fully read, waiting for their events
 
-    def run(self, full: bool) -> None:
+    def run_file(self, path: Path, full: bool) -> None:
+        """Import one file from its resume point."""
         report = self.report
+        display = str(path)
         try:
-            st = self.path.stat()
+            st = path.stat()
         except OSError as exc:
-            report.fail(self.display, f"cannot read: {exc.strerror or exc}")
+            report.fail(display, f"cannot read: {exc.strerror or exc}")
             return
         report.files += 1
-        key = os.path.realpath(self.path)
+        key = os.path.realpath(path)
         saved = None if full else self.state.get(self.source, key)
         resume = resume_point(saved, st.st_ino, st.st_size, st.st_mtime)
         if resume is None:
@@ -539,44 +558,44 @@ class _FileImport:
             self._advance(st.st_size)
             return
         resume.path = key
-        self.resume = resume
         self._advance(resume.offset)
-        self.parser = self.make_parser(self.path, resume.context)
+        parser = self.make_parser(path, resume.context)
         consumed = (resume.offset, resume.line)
         window = self.window
+        out = self.out
         try:
-            with open(self.path, "rb") as handle:
+            with open(path, "rb") as handle:
                 handle.seek(resume.offset)
                 for line_no, start, end, raw in read_complete_lines(
                     handle, resume.offset, resume.line
                 ):
                     try:
-                        items = self.parser.parse(raw, line_no)
+                        items = parser.parse(raw, line_no)
                     except BadLine as exc:
-                        report.bad(self.display, line_no, str(exc))
+                        report.bad(display, line_no, str(exc))
                         items = ()
                     for dedup_key, rank, fields in items:
                         if dedup_key is None or window is None:
-                            self.out.append(fields)
+                            out.append(fields)
                         else:
-                            self.out.extend(window.offer(dedup_key, rank, fields, start, line_no))
+                            out.extend(window.offer(dedup_key, rank, fields, start, line_no))
                     consumed = (end, line_no)
                     report.bytes_read += end - start
                     self._advance(end - start)
-                    if len(self.out) >= BATCH_SIZE:
+                    if len(out) >= BATCH_SIZE:
                         held = window.oldest_position() if window else None
-                        self._flush(held or consumed)
+                        self.flush(_checkpoint(resume, held or consumed, parser))
+                        out = self.out
         except OSError as exc:
-            report.fail(self.display, f"cannot read: {exc.strerror or exc}")
-            # What was read is still written; the saved state stays where it was.
+            report.fail(display, f"cannot read: {exc.strerror or exc}")
+            # What was read is still written; this file's saved state stays where it was.
             self._finish_window()
-            self._flush(None)
             return
         self._finish_window()
-        report.skipped += self.parser.skipped
+        report.skipped += parser.skipped
         if consumed[0] < st.st_size:
             report.pending += 1
-        self._flush(consumed)
+        self.done_states.append(_checkpoint(resume, consumed, parser))
 
     def _advance(self, nbytes: int) -> None:
         if self.progress is not None:
@@ -588,16 +607,28 @@ class _FileImport:
             self.report.duplicates += self.window.merged
             self.window.merged = 0
 
-    def _flush(self, position: tuple[int, int] | None) -> None:
-        """Write the batch, then (only then) save how far the file is imported."""
+    def flush(self, current: FileState | None = None) -> None:
+        """Write the batch, then (only then) save how far each file covered by it was read."""
         if self.out:
             inserted, duplicates = self.sink(self.out)
             self.report.imported += inserted
             self.report.duplicates += duplicates
             self.out = []
-        if position is not None and self.resume is not None:
-            resume = self.resume
-            resume.offset, resume.line = position
-            resume.size = max(resume.size, resume.offset)
-            resume.context = dict(self.parser.context)
-            self.state.put(self.source, resume)
+        states = self.done_states + ([current] if current is not None else [])
+        if states:
+            self.state.put_many(self.source, states)
+        self.done_states = []
+
+
+def _checkpoint(resume: FileState, position: tuple[int, int], parser: Any) -> FileState:
+    """The state to save once the events before ``position`` are written."""
+    offset, line = position
+    return FileState(
+        resume.path,
+        resume.inode,
+        max(resume.size, offset),
+        resume.mtime,
+        offset,
+        line,
+        dict(parser.context),
+    )
