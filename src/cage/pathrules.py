@@ -646,3 +646,13 @@ def command_file_candidates(command: str) -> set[str]:
         elif word.startswith("-m") and len(word) > 2 and not word.startswith("--"):
             found |= _module_files(word[2:])
     return found
+
+
+def rules_table_markdown() -> str:
+    """The built-in protected set as the Markdown table in docs/protected-paths.md."""
+    lines = ["| rule | patterns (any depth) | why |", "|---|---|---|"]
+    for rule in PROTECTED_RULES:
+        patterns = ", ".join(f"`{p}`" for p in rule.patterns)
+        why = rule.why.replace("|", "\\|")
+        lines.append(f"| `{rule.name}` | {patterns} | {why} |")
+    return "\n".join(lines) + "\n"
