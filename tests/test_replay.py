@@ -207,6 +207,51 @@ def test_keyboard_interrupt_kills_the_tree_and_propagates(work, logs):
     assert_no_zombie_children()
 
 
+def test_sigterm_kills_the_tree_like_ctrl_c_and_restores_the_handler(work, logs):
+    pidfile = work / "pids"
+    before = signal.getsignal(signal.SIGTERM)
+
+    def terminate_once_started() -> None:
+        deadline = time.monotonic() + 20
+        while not pidfile.exists() or not pidfile.read_text().strip():
+            if time.monotonic() > deadline:
+                return
+            time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    thread = threading.Thread(target=terminate_once_started)
+    thread.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_command("command", "sleep 300 & echo $! > pids; wait", work, 30, logs)
+    finally:
+        thread.join()
+    assert_dead(read_pids(pidfile))
+    assert signal.getsignal(signal.SIGTERM) == before
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl is Linux only")
+def test_cage_becomes_subreaper_and_non_dumpable(work, logs):
+    import ctypes
+
+    run_command("command", "true", work, 10, logs)
+    libc = ctypes.CDLL(None)
+    assert libc.prctl(replay.PR_GET_DUMPABLE, 0, 0, 0, 0) == 0
+    flag = ctypes.c_int(0)
+    assert libc.prctl(37, ctypes.byref(flag), 0, 0, 0) == 0  # PR_GET_CHILD_SUBREAPER
+    assert flag.value == 1
+
+
+@pytest.mark.skipif(
+    not sys.platform.startswith("linux") or os.geteuid() == 0,
+    reason="root reads every /proc entry; CI runners are not root",
+)
+def test_command_cannot_read_cage_environment_through_proc(work, logs):
+    result = run_command("command", "cat /proc/$PPID/environ > env.txt", work, 10, logs)
+    assert result.exit_code != 0
+    assert (work / "env.txt").read_bytes() == b""
+
+
 def test_processes_that_existed_before_are_left_alone(work, logs):
     bystander = subprocess.Popen(["sleep", "300"])
     try:

@@ -49,7 +49,7 @@ import threading
 import time
 import xml.etree.ElementTree as ET
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -333,6 +333,8 @@ def read_report(path: Path) -> tuple[TestReport | None, str | None]:
 
 
 PR_SET_CHILD_SUBREAPER = 36
+PR_GET_DUMPABLE = 3
+PR_SET_DUMPABLE = 4
 TERM_GRACE_S = 2.0  # after a timeout: SIGTERM, this long to exit, then SIGKILL
 KILL_DEADLINE_S = 5.0  # SIGKILL rounds give up after this (a process stuck in the kernel)
 
@@ -340,10 +342,13 @@ _subreaper: bool | None = None
 _run_lock = threading.Lock()
 
 
-def _become_subreaper() -> bool:
-    """Make this process the child subreaper (Linux), once. Orphans of the commands are
-    then re-parented to cage, not init, so cleanup can find setsid escapers and double
-    forks. Harmless elsewhere: returns False."""
+def _prepare_cage_process() -> bool:
+    """Once per process, on Linux: make cage the child subreaper, so orphans of the
+    commands are re-parented to cage, not init, and cleanup finds setsid escapers and
+    double forks; and mark cage non-dumpable, so a command running as the same user cannot
+    read cage's environment (CI tokens, the attestation key) or memory through
+    ``/proc/<pid>/environ``, ``/proc/<pid>/mem`` or ptrace. Returns whether cage is the
+    subreaper; elsewhere it is not, and that is harmless."""
     global _subreaper
     if _subreaper is None:
         _subreaper = False
@@ -351,9 +356,30 @@ def _become_subreaper() -> bool:
             try:
                 libc = ctypes.CDLL(None, use_errno=True)
                 _subreaper = libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+                libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
             except (OSError, AttributeError):
-                _subreaper = False
+                pass
     return _subreaper
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """While a command runs, SIGTERM (a cancelled CI job) is handled like Ctrl-C, so the
+    process tree and the worktree are still cleaned up. Signal handlers can only be set in
+    the main thread; elsewhere this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: object) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second TERM must not cut cleanup
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 def _identity(proc: psutil.Process) -> tuple[int, float] | None:
@@ -567,8 +593,8 @@ def run_command(
     env = scrubbed_env()
     env["PYTEST_ADDOPTS"] = _pytest_addopts(report_path, cache_dir)
 
-    with _run_lock:
-        _become_subreaper()
+    with _run_lock, _sigterm_as_interrupt():
+        _prepare_cage_process()
         known_children = {
             ident for ident in map(_identity, psutil.Process().children()) if ident is not None
         }
