@@ -128,10 +128,25 @@ class FileParser:
         # Anthropic counting: input_tokens excludes the cache, so the four counts are
         # disjoint as they stand (the rule cage.pricing.normalise_anthropic implements; done
         # inline here, with each bad count named, because this is the hot loop of an import).
-        input_tokens = token_count(usage, "input_tokens", "message.usage.")
-        output_tokens = token_count(usage, "output_tokens", "message.usage.")
-        cache_read = token_count(usage, "cache_read_input_tokens", "message.usage.")
-        cache_write = token_count(usage, "cache_creation_input_tokens", "message.usage.")
+        get = usage.get
+        input_tokens = get("input_tokens")
+        output_tokens = get("output_tokens")
+        cache_read = get("cache_read_input_tokens", 0)
+        cache_write = get("cache_creation_input_tokens", 0)
+        if not (
+            type(input_tokens) is int  # fast path: four plain non-negative integers
+            and type(output_tokens) is int
+            and type(cache_read) is int
+            and type(cache_write) is int
+            and input_tokens >= 0
+            and output_tokens >= 0
+            and cache_read >= 0
+            and cache_write >= 0
+        ):
+            input_tokens = token_count(usage, "input_tokens", "message.usage.")
+            output_tokens = token_count(usage, "output_tokens", "message.usage.")
+            cache_read = token_count(usage, "cache_read_input_tokens", "message.usage.")
+            cache_write = token_count(usage, "cache_creation_input_tokens", "message.usage.")
         extra: dict[str, Any] = {}
         breakdown = usage.get("cache_creation")
         if isinstance(breakdown, dict):
@@ -146,9 +161,14 @@ class FileParser:
             raise BadLine("message.usage.cache_creation is not an object")
         timestamp = normalise_timestamp(outer.get("timestamp"))
 
-        message_id = _optional_str(message, "id", "message.id")
-        request_id = _optional_str(outer, "requestId", "requestId")
-        session = _optional_str(outer, "sessionId", "sessionId") or self.session_from_path
+        message_id = message.get("id")
+        request_id = outer.get("requestId")
+        session = outer.get("sessionId")
+        if not (type(message_id) is str and type(request_id) is str and type(session) is str):
+            message_id = _optional_str(message, "id", "message.id")
+            request_id = _optional_str(outer, "requestId", "requestId")
+            session = _optional_str(outer, "sessionId", "sessionId")
+        session = session or self.session_from_path
         sidechain = outer.get("isSidechain") is True
         speed = usage.get("speed")
         cost = outer.get("costUSD")
