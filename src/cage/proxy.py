@@ -227,6 +227,7 @@ class BudgetGuard:
         self.prior_calls = prior_calls
         self.exhausted = threading.Event()
         self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)  # notified when no call is in flight
         self._reserved = 0.0
         self._in_flight = 0
         self._settled = 0.0  # cap cost of settled calls (fallback rates for unpriced ones)
@@ -270,6 +271,7 @@ class BudgetGuard:
             self._in_flight -= 1
             if self._in_flight == 0:
                 self._reserved = 0.0  # no float dust left behind
+                self._idle.notify_all()
 
     def settle(self, amount: float, event: Any, cap_cost: float) -> None:
         """Replace a reservation by the call's real cost and count the call."""
@@ -278,6 +280,7 @@ class BudgetGuard:
             self._in_flight -= 1
             if self._in_flight == 0:
                 self._reserved = 0.0
+                self._idle.notify_all()
             self._settled += cap_cost
             self._calls += 1
             totals = self._by_model.get(event.model)
@@ -296,6 +299,11 @@ class BudgetGuard:
             truth["calls"] += 1
             truth["cost_usd"] += event.cost_usd or 0.0
             self._check_exhausted()
+
+    def wait_idle(self, timeout: float | None) -> bool:
+        """Wait until no call is in flight; False on timeout."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self._in_flight == 0, timeout)
 
     def _check_exhausted(self) -> None:
         if self.cap_usd is not None and self.prior_cost_usd + self._settled >= self.cap_usd:
@@ -1344,8 +1352,16 @@ class RunningProxy:
         return snapshot
 
     def flush(self, timeout: float | None = 30.0) -> bool:
-        """Wait until every recorded call is written to the ledger."""
-        return self._proxy.writer.flush(timeout)
+        """Wait until the calls in flight have ended and every call is in the ledger.
+
+        False when that did not happen within ``timeout`` seconds (a stream still running).
+        """
+        assert self._proxy.guard is not None
+        deadline = None if timeout is None else time.monotonic() + timeout
+        if not self._proxy.guard.wait_idle(timeout):
+            return False
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        return self._proxy.writer.flush(left)
 
     def stop(self) -> None:
         """Stop serving, record calls still in flight, write everything, join the threads."""
@@ -1434,9 +1450,9 @@ def start_proxy_in_thread(
 
 
 async def serve(config: ProxyConfig, on_ready: Any = None) -> dict[str, Any]:
-    """Run the proxy in the foreground until cancelled (Ctrl-C) or SIGTERM; returns spend.
+    """Run the proxy in the foreground until Ctrl-C or SIGTERM; returns the spend snapshot.
 
-    ``on_ready(proxy)`` is called once it listens. The caller has called ``open_ledger()``.
+    ``on_ready(proxy)`` is called once it listens. Raises ProxyError when it cannot start.
     """
     import signal
 
@@ -1444,8 +1460,10 @@ async def serve(config: ProxyConfig, on_ready: Any = None) -> dict[str, Any]:
     proxy.open_ledger()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    with contextlib.suppress(NotImplementedError, RuntimeError):
-        loop.add_signal_handler(signal.SIGTERM, stop.set)
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        # Handled in the loop, so stopping is orderly: calls in flight are recorded.
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.add_signal_handler(signum, stop.set)
     try:
         await proxy.start()
         if on_ready is not None:
