@@ -262,26 +262,46 @@ def parse_junit(data: bytes) -> TestReport:
     for marker in ("<!DOCTYPE", "<!ENTITY"):
         if marker in folded:
             raise ReportError(f"report declares {marker[2:]}: refused (entity expansion)")
-    parser = ET.XMLParser(encoding="utf-8")
+    # Fed as text, expat reads UTF-8 whatever the declaration says. Parsed as a stream,
+    # each <testcase> dropped once judged, so memory stays small for large reports.
+    parser = ET.XMLPullParser(events=("start", "end"))
+    cases: dict[str, str] = {}
+    root_seen = False
     try:
-        parser.feed(text.encode("utf-8"))
-        root = parser.close()
+        for offset in range(0, len(text), _FEED_CHARS):
+            parser.feed(text[offset : offset + _FEED_CHARS])
+            root_seen = _take_events(parser, cases, root_seen)
+        parser.close()
+        _take_events(parser, cases, root_seen)
     except ET.ParseError as exc:
         raise ReportError(f"report is not well-formed XML ({exc})") from None
-    if root.tag not in ("testsuites", "testsuite"):
-        raise ReportError(f"report root is <{root.tag}>, not <testsuites> or <testsuite>")
-    cases: dict[str, str] = {}
-    for case in root.iter("testcase"):
-        name = case.get("name")
-        if not name:
-            raise ReportError("report has a <testcase> without a name")
-        classname = case.get("classname") or ""
-        test_id = f"{classname}::{name}" if classname else name
-        outcome = _case_outcome(case)
-        previous = cases.get(test_id)
-        if previous is None or _SEVERITY[outcome] > _SEVERITY[previous]:
-            cases[test_id] = outcome
     return TestReport(cases=cases)
+
+
+_FEED_CHARS = 1 << 20
+
+
+def _take_events(parser: ET.XMLPullParser, cases: dict[str, str], root_seen: bool) -> bool:
+    """Record every finished <testcase> into ``cases`` (worst outcome per id wins)."""
+    for event, element in parser.read_events():
+        if event == "start":
+            if not root_seen and element.tag not in ("testsuites", "testsuite"):
+                raise ReportError(
+                    f"report root is <{element.tag}>, not <testsuites> or <testsuite>"
+                )
+            root_seen = True
+        elif element.tag == "testcase":
+            name = element.get("name")
+            if not name:
+                raise ReportError("report has a <testcase> without a name")
+            classname = element.get("classname") or ""
+            test_id = f"{classname}::{name}" if classname else name
+            outcome = _case_outcome(element)
+            previous = cases.get(test_id)
+            if previous is None or _SEVERITY[outcome] > _SEVERITY[previous]:
+                cases[test_id] = outcome
+            element.clear()
+    return root_seen
 
 
 _CHILD_OUTCOMES = {"error": "error", "failure": "failed", "skipped": "skipped"}
