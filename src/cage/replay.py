@@ -24,10 +24,17 @@ Trust notes (see also docs/trust-model.md):
   each run overwrites the report and only the last run's cases are evidence (the exit
   status still covers all of them). A nested pytest (a test running pytest in a
   subprocess) finishes before the outer one, so the outer run's report wins.
-- The command runs with cage's user id and file system; the environment scrub removes
-  credentials passed by name, it is not a sandbox. ``HOME`` is left alone: a fake ``HOME``
-  hides nothing from a process that can open the real one by absolute path, and it would
-  break package caches and tools' configuration.
+- The command runs with cage's user id and file system; the environment scrub
+  (``ENV_SCRUB_RULES``) removes credentials passed by name, it is not a sandbox. cage makes
+  itself non-dumpable, so the command cannot read cage's own environment or memory through
+  ``/proc``; cage's ancestors (the CI step's shell) are out of its reach, so secrets should
+  not be given to the gate's step at all. ``HOME`` is left alone: a fake ``HOME`` hides
+  nothing from a process that can open the real one by absolute path, and it would break
+  package caches and tools' configuration.
+- Processes that another service starts on the command's behalf (``docker run -d``,
+  ``systemd-run``) are not its descendants and are out of cleanup's reach.
+- pytest's cache goes to a fresh folder next to the report (``-o cache_dir``), not into
+  the worktree, so no state of an earlier run (``--lf``) carries over.
 - ``run_command`` calls are serialised by a lock: cleanup finds the command's escaped
   processes among cage's new children, which needs one command at a time per process.
 """
