@@ -26,6 +26,9 @@ __all__ = ["MAX_SCAN_BYTES", "RULES", "Rule", "TamperFinding", "is_python_path",
 # A product source file larger than this is not parsed; it is reported instead, because a
 # scanner that silently gives up would be the easiest way around it.
 MAX_SCAN_BYTES = 2 * 1024 * 1024
+# Above this many (old lines x new lines) in the differing middle, the diff is not aligned
+# line by line; the whole middle counts as changed.
+MAX_DIFF_CELLS = 4_000_000
 
 
 @dataclass(frozen=True)
@@ -196,6 +199,9 @@ LIST_MUTATORS = frozenset(
     {"insert", "append", "extend", "remove", "pop", "clear", "__setitem__", "__iadd__"}
 )
 IMPORT_CALLS = frozenset({"__import__", "importlib.import_module", "importlib.__import__"})
+FILE_WRITERS = frozenset(
+    {"os.replace", "os.rename", "shutil.copy", "shutil.copyfile", "shutil.move"}
+)
 EXEC_CALLS = frozenset({"exec", "eval", "compile", "builtins.exec", "builtins.eval"})
 
 
@@ -210,6 +216,7 @@ class Scope:
     func: ast.AST | None  # innermost FunctionDef / AsyncFunctionDef / Lambda
     unit: tuple[int, int]  # lines of the innermost def or class, else module statement
     import_time: bool  # runs while the module is imported
+    top: str | None = None  # the top-level function this code belongs to
 
 
 @dataclass
@@ -225,9 +232,23 @@ class Module:
     ending: dict[str, str] = field(default_factory=dict)  # function -> what ends the process
     hooked: set[str] = field(default_factory=set)  # functions registered as hooks
     writes_files: set[str] = field(default_factory=set)
+    # Nodes live as long as the scan, so their ids are stable keys.
+    _resolved: dict[int, str | None] = field(default_factory=dict)
+    callees: dict[str, list[str]] = field(default_factory=dict)  # local call graph
+    body_scopes: dict[str, Scope] = field(default_factory=dict)
+    script_scopes: list[Scope] = field(default_factory=list)
+    calls: list[tuple[ast.Call, Scope]] = field(default_factory=list)
+    assignments: list[ast.AST] = field(default_factory=list)
+    decorated: list[ast.AST] = field(default_factory=list)
 
     def resolve(self, node: ast.AST) -> str | None:
         """Canonical dotted name of an expression (aliases, getattr and imports undone)."""
+        key = id(node)
+        if key not in self._resolved:
+            self._resolved[key] = self._resolve(node)
+        return self._resolved[key]
+
+    def _resolve(self, node: ast.AST) -> str | None:
         parts: list[str] = []
         while True:
             if isinstance(node, ast.Attribute):
@@ -291,10 +312,14 @@ class Rule:
     catches: str
     why: str
     matcher: Matcher | None  # None: reported by scan_change itself, not per node
+    nodes: tuple[type[ast.AST], ...] = ()  # the node types the matcher can match
 
 
 # --------------------------------------------------------------------------------------
 # Small AST helpers.
+
+
+_STORES = (ast.Assign, ast.AugAssign, ast.AnnAssign, ast.Delete)
 
 
 def _is_str(node: ast.AST) -> bool:
@@ -759,6 +784,7 @@ RULES: tuple[Rule, ...] = (
         "product code imports pytest, _pytest, pluggy, xdist, unittest, mock, py or nose",
         f"the test framework's internals decide what counts as a pass; reaching them {_PASS}",
         _m_imports_test_framework,
+        (ast.Import, ast.ImportFrom, ast.Call),
     ),
     Rule(
         "patches_test_framework",
@@ -766,24 +792,28 @@ RULES: tuple[Rule, ...] = (
         "rebinds AssertionError",
         f"a patched assertion never fails, which {_PASS}",
         _m_patches_test_framework,
+        (*_STORES, ast.Call),
     ),
     Rule(
         "detects_test_run",
         "looks for pytest: PYTEST_* variables, 'pytest' in sys.modules or sys.argv",
         "code that behaves differently under test passes the test without fixing anything",
         _m_detects_test_run,
+        (ast.Constant, ast.Compare, ast.Subscript, ast.Call),
     ),
     Rule(
         "reads_ci_environment",
         "reads CI variables (CI, GITHUB_*, RUNNER_*, ACTIONS_*, CAGE_*, ...)",
         "code that behaves differently in CI passes the gate without fixing anything",
         _m_reads_ci_environment,
+        (ast.Subscript, ast.Call, ast.Compare),
     ),
     Rule(
         "mutates_environment_at_import",
         "changes os.environ (or calls putenv/unsetenv) while the module is imported",
         "the environment steers the harness (PYTEST_ADDOPTS, report paths) and its children",
         _m_mutates_environment_at_import,
+        (*_STORES, ast.Call),
     ),
     Rule(
         "names_harness_file",
@@ -791,72 +821,84 @@ RULES: tuple[Rule, ...] = (
         "conftest, sitecustomize, *.pth, .runcap)",
         "writing the report or a start-up hook from product code forges the evidence",
         _m_names_harness_file,
+        (ast.Constant,),
     ),
     Rule(
         "touches_site_packages",
         "uses site-packages locations (site.getsitepackages, site.addsitedir, ...)",
         "a file planted there runs at every interpreter start, including the verifier's",
         _m_touches_site_packages,
+        (ast.Attribute, ast.Name),
     ),
     Rule(
         "replaces_builtin",
         "writes into builtins / __builtins__",
         f"a replaced builtin changes how every test runs, which {_PASS}",
         _m_replaces_builtin,
+        (*_STORES, ast.Call),
     ),
     Rule(
         "replaces_sys_module_entry",
         "writes into sys.modules",
         f"swapping a module the tests import (or pytest itself) {_PASS}",
         _m_replaces_sys_module_entry,
+        (*_STORES, ast.Call),
     ),
     Rule(
         "installs_import_hook",
         "changes sys.meta_path, sys.path_hooks or sys.path_importer_cache",
         "an import hook can rewrite the test modules as they are imported",
         _m_installs_import_hook,
+        (*_STORES, ast.Call),
     ),
     Rule(
         "installs_tracer",
         "sys.settrace, sys.setprofile, threading.settrace, sys.monitoring, audit hooks",
         "a tracer sees and can alter every frame of the test run",
         _m_calls(TRACER_CALLS, "calls"),
+        (ast.Call,),
     ),
     Rule(
         "inspects_caller_frames",
         "sys._getframe, inspect.stack/currentframe, f_back, f_locals, f_globals",
         "the caller's frame is the test: its locals and expected values can be read or changed",
         _m_inspects_caller_frames,
+        (ast.Attribute, ast.Call),
     ),
     Rule(
         "walks_heap",
         "gc.get_objects, gc.get_referrers, gc.get_referents",
         "walking the heap finds the test functions and the harness's objects to patch",
         _m_calls(HEAP_CALLS, "calls"),
+        (ast.Call,),
     ),
     Rule(
         "replaces_code_object",
         "assigns __code__/__defaults__, builds functions or code objects, marshal.loads",
         "swapping a function's code replaces the tested or the testing function unseen",
         _m_replaces_code_object,
+        (*_STORES, ast.Call),
     ),
     Rule(
         "ctypes_interpreter_access",
         "ctypes.pythonapi, py_object, memmove, memset, from_address, _ctypes",
         "raw memory access can rewrite any object, including the harness's",
         _m_ctypes_interpreter_access,
+        (ast.Attribute, ast.Import, ast.ImportFrom),
     ),
     Rule(
         "obfuscated_code_execution",
         "exec/eval/compile of decoded or assembled text, or of computed text at import time",
         "hidden code escapes every other rule",
         _m_obfuscated_code_execution,
+        (ast.Call,),
     ),
     Rule(
         "dynamic_import",
         "__import__/importlib.import_module with a computed name at import time",
         "a name built at run time hides an import of the test framework",
         _m_dynamic_import,
+        (ast.Call,),
     ),
     Rule(
         "ends_process_at_import",
@@ -864,6 +906,7 @@ RULES: tuple[Rule, ...] = (
         "(module level, class body, decorators, or a local function called from there)",
         "ending the process before pytest writes its report can fake a pass",
         _m_ends_process_at_import,
+        (ast.Raise, ast.Call),
     ),
     Rule(
         "ends_process_from_hook",
@@ -871,42 +914,49 @@ RULES: tuple[Rule, ...] = (
         "end the process or write files",
         "an exit hook runs after the tests and can replace the exit status or the report",
         _m_ends_process_from_hook,
+        (ast.Call, ast.Assign, ast.AnnAssign),
     ),
     Rule(
         "hard_exit_outside_child",
         "os._exit(0), os.exec*, a self-kill in a function of a module that never forks",
         "called from a test, it ends pytest with status 0 before the report is written",
         _m_hard_exit_outside_child,
+        (ast.Call,),
     ),
     Rule(
         "spawns_process_at_import",
         "subprocess, os.system, os.fork, os.spawn*, multiprocessing at import time",
         "a process started at import outlives checks and can act on the harness",
         _m_spawns_process_at_import,
+        (ast.Call,),
     ),
     Rule(
         "parent_process_access",
         "os.getppid, os.killpg",
         "the parent is the harness; product code has no reason to reach it",
         _m_parent_process_access,
+        (ast.Call,),
     ),
     Rule(
         "dynamic_attribute_on_runtime_module",
         "getattr/setattr/delattr/hasattr on os, sys, builtins, ... with a computed name",
         "a computed attribute name hides a call such as os._exit from every other rule",
         _m_dynamic_attribute_on_runtime_module,
+        (ast.Call,),
     ),
     Rule(
         "always_equal",
         "__eq__ that is just 'return True' or __ne__ that is just 'return False'",
         "a value equal to anything passes `assert f(x) == expected` without a fix",
         _m_always_equal,
+        (ast.FunctionDef, ast.AsyncFunctionDef, ast.Assign),
     ),
     Rule(
         "fakes_module_name",
         "assigns __name__",
         "rebinding __name__ turns on code hidden behind `if __name__ == '__main__'`",
         _m_fakes_module_name,
+        _STORES,
     ),
     Rule(
         "shadows_test_framework_module",
@@ -928,6 +978,11 @@ RULES: tuple[Rule, ...] = (
     ),
 )
 _RULES_BY_CODE = {rule.code: rule for rule in RULES}
+# Dispatch by node type: most nodes (names, operators, literals) concern no rule.
+_RULES_BY_NODE: dict[type[ast.AST], tuple[Rule, ...]] = {}
+for _rule in RULES:
+    for _node_type in _rule.nodes:
+        _RULES_BY_NODE[_node_type] = (*_RULES_BY_NODE.get(_node_type, ()), _rule)
 
 
 # --------------------------------------------------------------------------------------
@@ -960,16 +1015,36 @@ def changed_lines(old: bytes | None, new: bytes) -> set[int] | None:
     if old is None:
         return None
     old_lines, new_lines = _lines(old), _lines(new)
+    # Trim the common head and tail first: most changes are small, and difflib is
+    # quadratic on files of many repeated lines.
+    head = 0
+    limit = min(len(old_lines), len(new_lines))
+    while head < limit and old_lines[head] == new_lines[head]:
+        head += 1
+    tail = 0
+    while (
+        tail < limit - head
+        and old_lines[len(old_lines) - 1 - tail] == new_lines[len(new_lines) - 1 - tail]
+    ):
+        tail += 1
+    old_mid = old_lines[head : len(old_lines) - tail]
+    new_mid = new_lines[head : len(new_lines) - tail]
+    if not old_mid and not new_mid:
+        return set()
     changed: set[int] = set()
-    matcher = difflib.SequenceMatcher(None, old_lines, new_lines, autojunk=False)
+    if len(old_mid) * len(new_mid) > MAX_DIFF_CELLS:
+        # Too costly to align: judge the whole middle, which only over-reports.
+        changed.update(range(head, head + len(new_mid) + 2))
+        return changed
+    matcher = difflib.SequenceMatcher(None, old_mid, new_mid, autojunk=False)
     for tag, _i1, _i2, j1, j2 in matcher.get_opcodes():
         if tag == "equal":
             continue
         if j1 == j2:
             # A pure deletion alters the code around it (a removed `return` or guard).
-            changed.update({j1, j1 + 1})
+            changed.update({head + j1, head + j1 + 1})
         else:
-            changed.update(range(j1 + 1, j2 + 1))
+            changed.update(range(head + j1 + 1, head + j2 + 1))
     return changed
 
 
@@ -988,8 +1063,17 @@ def _shadow_finding(path: str) -> TamperFinding | None:
     return None
 
 
+# Leaf nodes no rule looks at: contexts and operators.
+_SKIPPED = (ast.expr_context, ast.operator, ast.unaryop, ast.cmpop, ast.boolop)
+
+
 def _walk(tree: ast.Module, module: Module) -> Iterator[tuple[ast.AST, Scope]]:
-    """Every node with the scope it executes in (iterative: deep files cannot recurse)."""
+    """Every node with the scope it executes in (iterative: deep files cannot recurse).
+
+    The body of each top-level function gets one shared Scope (``module.body_scopes``) and
+    each ``if __name__ == "__main__"`` body one too (``module.script_scopes``), so that
+    both can be re-marked once the whole file is known.
+    """
     stack: list[tuple[ast.AST, Scope]] = []
     for statement in reversed(tree.body):
         stack.append((statement, Scope(None, _span(statement), True)))
@@ -998,33 +1082,35 @@ def _walk(tree: ast.Module, module: Module) -> Iterator[tuple[ast.AST, Scope]]:
         yield node, scope
         children: list[tuple[ast.AST, Scope]] = []
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-            top_level = scope.func is None
-            inner = Scope(node, _span(node), top_level and node.name in module.import_reachable)
+            top_level = scope.func is None and module.functions.get(node.name) is node
+            inner = Scope(node, _span(node), False, node.name if top_level else scope.top)
+            if top_level:
+                module.body_scopes[node.name] = inner
             for name, value in ast.iter_fields(node):
                 target = inner if name == "body" else scope
                 children.extend((child, target) for child in _as_nodes(value))
         elif isinstance(node, ast.Lambda):
-            inner = Scope(node, scope.unit, False)
+            inner = Scope(node, scope.unit, False, scope.top)
             children.append((node.args, scope))
             children.append((node.body, inner))
         elif isinstance(node, ast.ClassDef):
-            inner = Scope(scope.func, _span(node), scope.import_time)
+            inner = Scope(scope.func, _span(node), scope.import_time, scope.top)
             for name, value in ast.iter_fields(node):
                 target = inner if name == "body" else scope
                 children.extend((child, target) for child in _as_nodes(value))
-        elif (
-            scope.func is None
-            and scope.import_time
-            and _is_main_guard(node)
-            and not module.renames_module
-        ):
+        elif scope.func is None and scope.import_time and _is_main_guard(node):
             assert isinstance(node, ast.If)
             script = Scope(None, scope.unit, False)
+            module.script_scopes.append(script)
             children.append((node.test, scope))
             children.extend((child, script) for child in node.body)
             children.extend((child, scope) for child in node.orelse)
         else:
-            children.extend((child, scope) for child in ast.iter_child_nodes(node))
+            children.extend(
+                (child, scope)
+                for child in ast.iter_child_nodes(node)
+                if not isinstance(child, _SKIPPED)
+            )
         stack.extend(reversed(children))
 
 
@@ -1036,103 +1122,107 @@ def _as_nodes(value: object) -> Iterable[ast.AST]:
     return []
 
 
-def _local_calls(node: ast.AST, module: Module) -> Iterator[str]:
-    for sub in ast.walk(node):
-        if (
-            isinstance(sub, ast.Call)
-            and isinstance(sub.func, ast.Name)
-            and sub.func.id in module.functions
-        ):
-            yield sub.func.id
-
-
-def _writes_files(func: ast.AST, module: Module) -> bool:
-    for sub in ast.walk(func):
-        if not isinstance(sub, ast.Call):
-            continue
-        name = module.resolve(sub.func) or ""
-        method = sub.func.attr if isinstance(sub.func, ast.Attribute) else ""
-        if method in {"write_text", "write_bytes"} or name in {
-            "os.replace",
-            "os.rename",
-            "shutil.copy",
-            "shutil.copyfile",
-            "shutil.move",
-        }:
-            return True
-        if name in {"open", "io.open"}:
-            mode = sub.args[1] if len(sub.args) > 1 else None
-            for keyword in sub.keywords:
-                if keyword.arg == "mode":
-                    mode = keyword.value
-            if mode is not None and (not _is_str(mode) or set(mode.value) & set("wax+")):  # type: ignore[attr-defined]
-                return True
+def _writes_file(call: ast.Call, module: Module) -> bool:
+    name = module.resolve(call.func) or ""
+    method = call.func.attr if isinstance(call.func, ast.Attribute) else ""
+    if method in {"write_text", "write_bytes"} or name in FILE_WRITERS:
+        return True
+    if name in {"open", "io.open"}:
+        mode = call.args[1] if len(call.args) > 1 else None
+        for keyword in call.keywords:
+            if keyword.arg == "mode":
+                mode = keyword.value
+        if mode is not None:
+            return not _is_str(mode) or bool(set(mode.value) & set("wax+"))  # type: ignore[attr-defined]
     return False
 
 
-def _module_facts(tree: ast.Module) -> Module:
-    """First pass: aliases, local functions, what they do, and what runs at import."""
-    module = Module()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            for alias in node.names:
-                if alias.asname:
-                    module.aliases[alias.asname] = alias.name
-        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
-            for alias in node.names:
-                if alias.name == "*":
-                    module.star_modules.add(node.module)
-                else:
-                    module.aliases[alias.asname or alias.name] = f"{node.module}.{alias.name}"
-        elif isinstance(node, (ast.Assign, ast.AugAssign, ast.AnnAssign)) and any(
-            isinstance(t, ast.Name) and t.id == "__name__" for t in _stores(node)
-        ):
+def _learn(module: Module, node: ast.AST, scope: Scope, docstrings: set[int]) -> None:
+    """Record what one node tells about the whole file (names, calls, decorators)."""
+    if isinstance(node, ast.Call):
+        module.calls.append((node, scope))
+    elif isinstance(node, ast.Import):
+        for alias in node.names:
+            if alias.asname:
+                module.aliases[alias.asname] = alias.name
+    elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+        for alias in node.names:
+            if alias.name == "*":
+                module.star_modules.add(node.module)
+            else:
+                module.aliases[alias.asname or alias.name] = f"{node.module}.{alias.name}"
+    elif _is_docstring_expr(node):
+        docstrings.add(id(node.value))  # type: ignore[attr-defined]
+    elif isinstance(node, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
+        module.assignments.append(node)
+        if any(isinstance(t, ast.Name) and t.id == "__name__" for t in _stores(node)):
             module.renames_module = True
-    for node in tree.body:
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-            module.functions[node.name] = node
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Call) and module.resolve(node.func) in FORKS:
+    if (
+        isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
+        and scope.func is None
+        and scope.import_time
+    ):
+        module.decorated.append(node)
+
+
+def _conclude(module: Module) -> None:
+    """After the walk: what each local function does and what runs at import time."""
+    if module.renames_module:
+        # `__name__ = "__main__"` makes the guarded block run on import.
+        for script in module.script_scopes:
+            script.import_time = True
+    seeds: list[str] = []
+    for call, scope in module.calls:
+        name = module.resolve(call.func)
+        if name in FORKS:
             module.forks = True
-    # Functions that end the process, directly or through another local function.
-    for name, func in module.functions.items():
-        for sub in ast.walk(func):
-            if isinstance(sub, ast.Call) and module.exit_kind(sub):
-                module.ending[name] = f"ends the process ({module.exit_kind(sub)})"
-                break
-        if _writes_files(func, module):
-            module.writes_files.add(name)
+        local = call.func.id if isinstance(call.func, ast.Name) else None
+        if local not in module.functions:
+            local = None
+        if scope.func is None and scope.import_time and local:
+            seeds.append(local)
+        if scope.top:
+            kind = module.exit_kind(call)
+            if kind and scope.top not in module.ending:
+                module.ending[scope.top] = f"ends the process ({kind})"
+            if _writes_file(call, module):
+                module.writes_files.add(scope.top)
+            if local:
+                module.callees.setdefault(scope.top, []).append(local)
+        _note_hooks(module, call)
+    for assignment in module.assignments:
+        _note_hooks(module, assignment)
+    for node in module.decorated:
+        for decorator in node.decorator_list:  # type: ignore[attr-defined]
+            base = decorator.func if isinstance(decorator, ast.Call) else decorator
+            if isinstance(base, ast.Name):
+                seeds.append(base.id)
     changed = True
     while changed:
         changed = False
-        for name, func in module.functions.items():
+        for name in module.functions:
             if name in module.ending:
                 continue
-            for callee in _local_calls(func, module):
+            for callee in module.callees.get(name, ()):
                 if callee in module.ending:
                     module.ending[name] = f"calls {callee}(), which {module.ending[callee]}"
                     changed = True
                     break
-    # Local functions called (or used as decorators) while the module is imported.
-    pending: list[str] = []
-    for node, scope in _walk(tree, module):
-        if scope.import_time:
-            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
-                pending.append(node.func.id)
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-                for decorator in node.decorator_list:
-                    base = decorator.func if isinstance(decorator, ast.Call) else decorator
-                    if isinstance(base, ast.Name):
-                        pending.append(base.id)
-        for _registrar, handler in _hook_handlers(node, module):
-            if isinstance(handler, ast.Name) and handler.id in module.functions:
-                module.hooked.add(handler.id)
+    pending = seeds
     while pending:
         name = pending.pop()
         if name in module.functions and name not in module.import_reachable:
             module.import_reachable.add(name)
-            pending.extend(_local_calls(module.functions[name], module))
-    return module
+            pending.extend(module.callees.get(name, ()))
+    for name in module.import_reachable:
+        if name in module.body_scopes:
+            module.body_scopes[name].import_time = True
+
+
+def _note_hooks(module: Module, node: ast.AST) -> None:
+    for _registrar, handler in _hook_handlers(node, module):
+        if isinstance(handler, ast.Name) and handler.id in module.functions:
+            module.hooked.add(handler.id)
 
 
 def scan_change(path: str, old: bytes | None, new: bytes) -> list[TamperFinding]:
@@ -1152,6 +1242,9 @@ def scan_change(path: str, old: bytes | None, new: bytes) -> list[TamperFinding]
     if len(new) > MAX_SCAN_BYTES:
         found = f"is {len(new)} bytes, over the scanner's limit of {MAX_SCAN_BYTES}"
         return [*findings, _finding(path, 1, "too_large_to_scan", found)]
+    changed = changed_lines(old, new)
+    if changed is not None and not changed:
+        return findings
     try:
         tree = ast.parse(new, filename=path)
     except SyntaxError as error:
@@ -1161,31 +1254,35 @@ def scan_change(path: str, old: bytes | None, new: bytes) -> list[TamperFinding]
     except (ValueError, RecursionError, MemoryError) as error:
         found = f"does not parse ({type(error).__name__})"
         return [*findings, _finding(path, 1, "unparseable_python", found)]
-    changed = changed_lines(old, new)
-    if changed is not None and not changed:
-        return findings
-    module = _module_facts(tree)
-    docstrings = {
-        id(node.value)
-        for node in ast.walk(tree)
-        if _is_docstring_expr(node)  # type: ignore[attr-defined]
+    module = Module()
+    module.functions = {
+        node.name: node
+        for node in tree.body
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
     }
-    seen: set[tuple[int, str]] = set()
+    docstrings: set[int] = set()
     ordered = sorted(changed) if changed is not None else []
     judged: dict[tuple[int, int], bool] = {}
+    candidates: list[tuple[ast.AST, Scope]] = []
     for node, scope in _walk(tree, module):
+        _learn(module, node, scope, docstrings)
+        if type(node) not in _RULES_BY_NODE:
+            continue
+        # Only code in a unit the change touches is judged.
         if changed is not None:
             if scope.unit not in judged:
                 first = bisect.bisect_left(ordered, scope.unit[0])
                 judged[scope.unit] = first < len(ordered) and ordered[first] <= scope.unit[1]
             if not judged[scope.unit]:
                 continue
+        candidates.append((node, scope))
+    _conclude(module)
+    seen: set[tuple[int, str]] = set()
+    for node, scope in candidates:
         if id(node) in docstrings:
             continue
-        for rule in RULES:
-            if rule.matcher is None:
-                continue
-            found = rule.matcher(node, scope, module)
+        for rule in _RULES_BY_NODE[type(node)]:
+            found = rule.matcher(node, scope, module)  # type: ignore[misc]
             if found is None:
                 continue
             line = getattr(node, "lineno", scope.unit[0])

@@ -1,0 +1,496 @@
+"""Tests for cage.tamper: every rule has a hit and a look-alike that is not one."""
+
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+
+from cage.tamper import MAX_SCAN_BYTES, RULES, TamperFinding, changed_lines, scan_change
+
+PATH = "src/calc/ops.py"
+
+
+def src(text: str) -> bytes:
+    return textwrap.dedent(text).lstrip("\n").encode()
+
+
+def codes(old: str | None, new: str, path: str = PATH) -> list[str]:
+    old_bytes = None if old is None else src(old)
+    return [f.code for f in scan_change(path, old_bytes, src(new))]
+
+
+# (code, hit, look-alike). Each source is scanned as a new file under src/.
+CASES: list[tuple[str, str, str]] = [
+    ("imports_test_framework", "import pytest\n", "import pytz\n"),
+    ("imports_test_framework", "from _pytest import runner\n", "from . import testing\n"),
+    ("imports_test_framework", "from unittest import mock\n", "import typing\n"),
+    ("imports_test_framework", "m = __import__('pytest')\n", "m = __import__('json')\n"),
+    (
+        "imports_test_framework",
+        "import importlib\nm = importlib.import_module('_pytest.junitxml')\n",
+        "import importlib\nm = importlib.import_module('json')\n",
+    ),
+    ("imports_test_framework", "import pluggy\n", "import plugins\n"),
+    (
+        "patches_test_framework",
+        "import unittest\nunittest.TestCase.assertEqual = lambda *a: None\n",
+        "class Case:\n    def setup(self):\n        self.assertEqual = print\n",
+    ),
+    ("patches_test_framework", "AssertionError = Warning\n", "error = AssertionError\n"),
+    (
+        "detects_test_run",
+        "import os\nIN_TEST = os.environ.get('PYTEST_CURRENT_TEST')\n",
+        "import os\nHOME = os.environ.get('HOME')\n",
+    ),
+    (
+        "detects_test_run",
+        "import sys\ndef add(a, b):\n    if 'pytest' in sys.modules:\n        return 4\n"
+        "    return a - b\n",
+        "import sys\ndef add(a, b):\n    if 'json' in sys.modules:\n        return 4\n"
+        "    return a - b\n",
+    ),
+    (
+        "detects_test_run",
+        "import sys\ndef f():\n    return sys.argv[0].endswith('pytest')\n",
+        "def f(name):\n    return name.endswith('.txt')\n",
+    ),
+    (
+        "detects_test_run",
+        "import sys\ndef f():\n    return sys.modules.get('_pytest')\n",
+        "def f():\n    raise RuntimeError('run pytest to check this')\n",
+    ),
+    (
+        "reads_ci_environment",
+        "import os\ndef add(a, b):\n    if os.getenv('GITHUB_ACTIONS'):\n        return 4\n"
+        "    return a - b\n",
+        "import os\ndef add(a, b):\n    if os.getenv('CALC_DEBUG'):\n        return 4\n"
+        "    return a - b\n",
+    ),
+    (
+        "reads_ci_environment",
+        "import os\nON_CI = 'CI' in os.environ\n",
+        "import os\nHAS_HOME = 'HOME' in os.environ\n",
+    ),
+    (
+        "mutates_environment_at_import",
+        "import os\nos.environ['PYTHONOPTIMIZE'] = '1'\n",
+        "import os\ndef configure():\n    os.environ['CALC_MODE'] = 'fast'\n",
+    ),
+    (
+        "mutates_environment_at_import",
+        "import os\nos.environ.update(X='1')\n",
+        "import os\nMODE = os.environ.get('CALC_MODE', 'fast')\n",
+    ),
+    (
+        "names_harness_file",
+        "def f():\n    open('junit.xml', 'w').write('<testsuite/>')\n",
+        "def f():\n    open('report.txt', 'w').write('done')\n",
+    ),
+    (
+        "names_harness_file",
+        "def f(d):\n    (d / 'evil.pth').write_text('import os')\n",
+        "def f(d):\n    return d / 'depth.txt'\n",
+    ),
+    (
+        "touches_site_packages",
+        "import site\nPATHS = site.getsitepackages()\n",
+        "site_packages = 'vendor'\n",
+    ),
+    (
+        "replaces_builtin",
+        "import builtins\nbuiltins.len = lambda x: 4\n",
+        "import builtins\nprint_ = builtins.print\n",
+    ),
+    (
+        "replaces_builtin",
+        "def f():\n    __builtins__['abs'] = lambda x: 0\n",
+        "def f():\n    abs = 3\n    return abs\n",
+    ),
+    (
+        "replaces_builtin",
+        "import builtins\nsetattr(builtins, 'sum', lambda *a: 4)\n",
+        "import builtins\nfound = hasattr(builtins, 'sum')\n",
+    ),
+    (
+        "replaces_sys_module_entry",
+        "import sys\nsys.modules['calc.ops'] = object()\n",
+        "import sys\nthis = sys.modules[__name__]\n",
+    ),
+    (
+        "replaces_sys_module_entry",
+        "import sys\nsys.modules.update({'json': None})\n",
+        "import sys\njson = sys.modules.get('json')\n",
+    ),
+    (
+        "installs_import_hook",
+        "import sys\nsys.meta_path.insert(0, object())\n",
+        "import sys\nFINDERS = list(sys.meta_path)\n",
+    ),
+    (
+        "installs_tracer",
+        "import sys\nsys.settrace(lambda *a: None)\n",
+        "import sys\nTRACING = sys.gettrace() is not None\n",
+    ),
+    (
+        "inspects_caller_frames",
+        "import sys\ndef add(a, b):\n    sys._getframe(1).f_locals['expected'] = a - b\n"
+        "    return a - b\n",
+        "import inspect\ndef arity(f):\n    return len(inspect.signature(f).parameters)\n",
+    ),
+    (
+        "inspects_caller_frames",
+        "import inspect\ndef f():\n    return inspect.stack()\n",
+        "import inspect\ndef f(x):\n    return inspect.isclass(x)\n",
+    ),
+    (
+        "walks_heap",
+        "import gc\ndef f():\n    return [o for o in gc.get_objects() if callable(o)]\n",
+        "import gc\ndef f():\n    gc.collect()\n",
+    ),
+    (
+        "replaces_code_object",
+        "def f():\n    pass\ndef g():\n    return 4\nf.__code__ = g.__code__\n",
+        "def f():\n    pass\nf.__doc__ = 'adds'\n",
+    ),
+    (
+        "replaces_code_object",
+        "import types\nf = types.FunctionType(compile('4', 'x', 'eval'), {})\n",
+        "import types\nns = types.SimpleNamespace(a=1)\n",
+    ),
+    (
+        "ctypes_interpreter_access",
+        "import ctypes\nctypes.pythonapi.PyFrame_LocalsToFast\n",
+        "import ctypes\nlibm = ctypes.CDLL('libm.so.6')\n",
+    ),
+    (
+        "obfuscated_code_execution",
+        "import base64\ndef f():\n    exec(base64.b64decode('cHJpbnQoMSk='))\n",
+        "def evaluate(expression):\n    return eval(expression, {'__builtins__': {}})\n",
+    ),
+    (
+        "obfuscated_code_execution",
+        "CODE = open('x').read()\nexec(CODE)\n",
+        "exec('X = 1')\n",
+    ),
+    (
+        "dynamic_import",
+        "import importlib\nm = importlib.import_module('_py' + 'test')\n",
+        "import importlib\nNAME = 'fast'\nm = importlib.import_module(f'calc.backends.{NAME}')\n",
+    ),
+    (
+        "ends_process_at_import",
+        "import os\nos._exit(0)\n",
+        "import os\ndef child():\n    pid = os.fork()\n    if pid == 0:\n        os._exit(0)\n",
+    ),
+    (
+        "ends_process_at_import",
+        "import sys\nsys.exit(0)\n",
+        "import sys\ndef main():\n    return 0\nif __name__ == '__main__':\n    sys.exit(main())\n",
+    ),
+    ("ends_process_at_import", "raise SystemExit(0)\n", "def f():\n    raise SystemExit(0)\n"),
+    (
+        "ends_process_at_import",
+        "class A:\n    exit(0)\n",
+        "class A:\n    def stop(self):\n        exit(0)\n",
+    ),
+    (
+        "ends_process_at_import",
+        "import sys\ndef main():\n    sys.exit(0)\nmain()\n",
+        "import sys\ndef main():\n    sys.exit(0)\n",
+    ),
+    (
+        "ends_process_at_import",
+        "import os\ndef deco(f):\n    os._exit(0)\n@deco\ndef add(a, b):\n    return a - b\n",
+        "import functools\ndef deco(f):\n    return functools.wraps(f)(f)\n@deco\n"
+        "def add(a, b):\n    return a - b\n",
+    ),
+    (
+        "ends_process_at_import",
+        "import os\nos.execv('/bin/true', ['true'])\n",
+        "import os\nEXE = os.path.join('/bin', 'true')\n",
+    ),
+    (
+        "ends_process_from_hook",
+        "import atexit, os\natexit.register(lambda: os._exit(0))\n",
+        "import atexit, logging\natexit.register(logging.shutdown)\n",
+    ),
+    (
+        "ends_process_from_hook",
+        "import atexit, os\natexit.register(os._exit, 0)\n",
+        "import atexit, shutil\natexit.register(shutil.rmtree, '/tmp/calc', True)\n",
+    ),
+    (
+        "ends_process_from_hook",
+        "import atexit\ndef rewrite():\n    with open(REPORT, 'w') as f:\n        f.write('')\n"
+        "atexit.register(rewrite)\n",
+        "import atexit\ndef show():\n    with open(LOG) as f:\n        print(f.read())\n"
+        "atexit.register(show)\n",
+    ),
+    (
+        "ends_process_from_hook",
+        "import os\nclass Result:\n    def __del__(self):\n        os._exit(0)\n",
+        "class Result:\n    def __del__(self):\n        self.close()\n",
+    ),
+    (
+        "ends_process_from_hook",
+        "import sys\ndef hook(*a):\n    sys.exit(0)\nsys.excepthook = hook\n",
+        "import sys\ndef hook(*a):\n    print(a)\nsys.excepthook = hook\n",
+    ),
+    (
+        "hard_exit_outside_child",
+        "import os\ndef add(a, b):\n    os._exit(0)\n",
+        "import os\ndef add(a, b):\n    os._exit(3)\n",
+    ),
+    (
+        "hard_exit_outside_child",
+        "import os, signal\ndef add(a, b):\n    os.kill(os.getpid(), signal.SIGKILL)\n",
+        "import os, signal\ndef stop(pid):\n    os.kill(pid, signal.SIGTERM)\n",
+    ),
+    (
+        "spawns_process_at_import",
+        "import subprocess\nsubprocess.Popen(['sleep', '100'])\n",
+        "import subprocess\ndef run():\n    return subprocess.run(['ls'], check=True)\n",
+    ),
+    ("spawns_process_at_import", "import os\nos.fork()\n", "import os\nPID = os.getpid()\n"),
+    (
+        "parent_process_access",
+        "import os\ndef f():\n    return os.getppid()\n",
+        "import os\ndef f():\n    return os.getpid()\n",
+    ),
+    (
+        "dynamic_attribute_on_runtime_module",
+        "import os\ndef f(n):\n    getattr(os, '_' + n)(0)\n",
+        "def f(obj, n):\n    return getattr(obj, n)\n",
+    ),
+    (
+        "always_equal",
+        "class Num:\n    def __eq__(self, other):\n        return True\n",
+        "class Num:\n    def __eq__(self, other):\n        return isinstance(other, Num) and "
+        "self.v == other.v\n",
+    ),
+    (
+        "always_equal",
+        "class Num:\n    def __ne__(self, other):\n        '''Never differ.'''\n"
+        "        return False\n",
+        "class Num:\n    def __ne__(self, other):\n        return not self == other\n",
+    ),
+    ("always_equal", "class Num:\n    __eq__ = lambda s, o: True\n", "class Num:\n    x = True\n"),
+    ("fakes_module_name", "__name__ = '__main__'\n", "NAME = __name__\n"),
+]
+
+
+@pytest.mark.parametrize(
+    ("code", "hit", "lookalike"), CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)]
+)
+def test_rule_hit_and_lookalike(code: str, hit: str, lookalike: str) -> None:
+    assert code in codes(None, hit)
+    assert code not in codes(None, lookalike)
+
+
+def test_every_rule_has_a_case() -> None:
+    covered = {case[0] for case in CASES} | {
+        "shadows_test_framework_module",
+        "unparseable_python",
+        "too_large_to_scan",
+    }
+    assert {rule.code for rule in RULES} == covered
+
+
+def test_finding_names_file_line_and_reason() -> None:
+    findings = scan_change(PATH, None, src("import os\n\n\nos._exit(0)\n"))
+    assert findings == [
+        TamperFinding(
+            PATH,
+            4,
+            "ends_process_at_import",
+            f"{PATH}:4: calls os._exit at import time: ending the process before pytest "
+            "writes its report can fake a pass",
+        )
+    ]
+
+
+# --- aliasing -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "import os as o\no._exit(0)\n",
+        "from os import _exit as e\ne(0)\n",
+        "from os import *\n_exit(0)\n",
+        "import sys\ngetattr(sys, 'exit')(0)\n",
+        "__import__('os')._exit(0)\n",
+        "import importlib\nimportlib.import_module('os')._exit(0)\n",
+    ],
+)
+def test_aliases_are_resolved(source: str) -> None:
+    assert "ends_process_at_import" in codes(None, source)
+
+
+def test_alias_of_builtins_module() -> None:
+    assert codes(None, "import builtins as b\nb.abs = len\n") == ["replaces_builtin"]
+
+
+# --- changed lines only ---------------------------------------------------------------
+
+CLI_OLD = """
+import sys
+
+def main():
+    print("hello")
+    sys.exit(0)
+
+def helper():
+    return 1
+"""
+
+
+def test_preexisting_code_is_not_reported() -> None:
+    old = "import pytest\n\ndef add(a, b):\n    return a - b\n"
+    new = "import pytest\n\ndef add(a, b):\n    return a + b\n"
+    assert codes(old, new) == []
+
+
+def test_altered_function_is_judged_whole() -> None:
+    old = "import os\n\ndef add(a, b):\n    os._exit(0)\n    return a - b\n"
+    new = "import os\n\ndef add(a, b):\n    os._exit(0)\n    return a + b\n"
+    # The os._exit line did not change, but its function did: it is read again.
+    assert codes(old, new) == ["hard_exit_outside_child"]
+
+
+def test_edit_elsewhere_leaves_other_units_alone() -> None:
+    old = "import os\n\ndef bad():\n    os._exit(0)\n\ndef add(a, b):\n    return a - b\n"
+    new = "import os\n\ndef bad():\n    os._exit(0)\n\ndef add(a, b):\n    return a + b\n"
+    assert codes(old, new) == []
+
+
+def test_new_module_level_call_of_unchanged_exiting_function() -> None:
+    new = CLI_OLD + "\nmain()\n"
+    found = scan_change(PATH, src(CLI_OLD), src(new))
+    assert [f.code for f in found] == ["ends_process_at_import"]
+    assert "calls main() at import time" in found[0].message
+
+
+def test_editing_main_of_a_cli_is_not_tampering() -> None:
+    new = CLI_OLD.replace('print("hello")', 'print("hello, world")')
+    assert codes(CLI_OLD, new) == []
+
+
+def test_realistic_cli_module_is_clean() -> None:
+    cli = '''
+    """calc command line."""
+    import argparse
+    import sys
+
+    from calc.ops import add
+
+
+    def main(argv=None):
+        parser = argparse.ArgumentParser()
+        parser.add_argument("a", type=int)
+        parser.add_argument("b", type=int)
+        args = parser.parse_args(argv)
+        if args.a < 0:
+            print("negative", file=sys.stderr)
+            sys.exit(2)
+        print(add(args.a, args.b))
+        return 0
+
+
+    if __name__ == "__main__":
+        sys.exit(main())
+    '''
+    assert codes(None, cli, "src/calc/cli.py") == []
+
+
+def test_main_guard_does_not_hide_code_when_name_is_rebound() -> None:
+    new = "import os\n__name__ = '__main__'\nif __name__ == '__main__':\n    os._exit(0)\n"
+    assert set(codes(None, new)) == {"fakes_module_name", "ends_process_at_import"}
+
+
+def test_else_of_main_guard_runs_at_import() -> None:
+    new = "import os\nif __name__ == '__main__':\n    pass\nelse:\n    os._exit(0)\n"
+    assert codes(None, new) == ["ends_process_at_import"]
+
+
+def test_honest_bugfix_yields_nothing() -> None:
+    old = 'def add(a, b):\n    """Add."""\n    return a - b\n'
+    new = 'def add(a, b):\n    """Add."""\n    return a + b\n'
+    assert scan_change(PATH, src(old), src(new)) == []
+
+
+def test_unchanged_file_yields_nothing() -> None:
+    body = src("import os\nos._exit(0)\n")
+    assert scan_change(PATH, body, body) == []
+
+
+def test_deleted_line_marks_its_neighbours_changed() -> None:
+    old = "import os\nif False:\n    os._exit(0)\n"
+    new = "import os\nos._exit(0)\n"
+    assert codes(old, new) == ["ends_process_at_import"]
+
+
+def test_changed_lines_crlf_and_new_file() -> None:
+    assert changed_lines(None, b"a\n") is None
+    assert changed_lines(b"a\r\nb\r\nc\r\n", b"a\r\nB\r\nc\r\n") == {2}
+
+
+# --- files and parsing ----------------------------------------------------------------
+
+
+def test_non_python_file_is_not_scanned() -> None:
+    assert scan_change("README.md", None, b"import os\nos._exit(0)\n") == []
+    assert scan_change("src/calc/ops.pyi", None, b"import pytest\n") == []
+
+
+def test_python_shebang_script_is_scanned() -> None:
+    body = b"#!/usr/bin/env python3\nimport os\nos._exit(0)\n"
+    assert [f.code for f in scan_change("bin/calc", None, body)] == ["ends_process_at_import"]
+
+
+def test_pyw_is_scanned() -> None:
+    assert codes(None, "import pytest\n", "src/calc/gui.pyw") == ["imports_test_framework"]
+
+
+def test_syntax_error_is_a_finding() -> None:
+    found = scan_change(PATH, src("def add(a, b):\n    return a - b\n"), b"def add(a, b:\n")
+    assert [f.code for f in found] == ["unparseable_python"]
+    assert found[0].line == 1
+    assert found[0].message.startswith(f"{PATH}:1: does not parse")
+
+
+def test_null_byte_is_unparseable_not_a_crash() -> None:
+    assert [f.code for f in scan_change(PATH, None, b"x = 1\x00\n")] == ["unparseable_python"]
+
+
+def test_deeply_nested_source_is_handled() -> None:
+    body = ("x = " + "(" * 5000 + "1" + ")" * 5000 + "\n").encode()
+    assert [f.code for f in scan_change(PATH, None, body)] == ["unparseable_python"]
+    long_chain = ("x = " + " + ".join(["1"] * 20000) + "\n").encode()
+    assert scan_change(PATH, None, long_chain) in ([], [scan_change(PATH, None, long_chain)[0]])
+
+
+def test_too_large_file_is_a_finding() -> None:
+    body = b"x = 1\n" * (MAX_SCAN_BYTES // 6 + 1)
+    assert [f.code for f in scan_change(PATH, None, body)] == ["too_large_to_scan"]
+
+
+def test_encoding_cookie_is_honoured() -> None:
+    body = "# -*- coding: latin-1 -*-\nname = 'caf\xe9'\nimport pytest\n".encode("latin-1")
+    found = scan_change(PATH, None, body)
+    assert [(f.code, f.line) for f in found] == [("imports_test_framework", 3)]
+
+
+@pytest.mark.parametrize("path", ["src/pytest.py", "src/_pytest/__init__.py", "lib/pluggy.py"])
+def test_added_module_shadowing_the_framework(path: str) -> None:
+    assert "shadows_test_framework_module" in codes(None, "X = 1\n", path)
+
+
+def test_module_with_framework_prefix_is_not_a_shadow() -> None:
+    assert codes(None, "X = 1\n", "src/calc/pytest_helpers_notes.py") == []
+
+
+def test_docstring_mentioning_pytest_is_fine() -> None:
+    new = '"""Helpers; see PYTEST_ADDOPTS and junit.xml in the docs."""\nX = 1\n'
+    assert codes(None, new) == []
