@@ -49,7 +49,7 @@ def codes(reasons):
     return [r.code for r in reasons]
 
 
-# --- decide: the four rules in order ----------------------------------------------------
+# --- decide: the four rules in order ---
 @pytest.mark.parametrize(
     ("codes_in", "expected"),
     [
@@ -101,7 +101,7 @@ def test_tamper_codes_are_human_and_documented_as_a_family():
     assert "tamper_*" in adj.REASON_CODES
 
 
-# --- content and mode findings ----------------------------------------------------------
+# --- content and mode findings ---
 @pytest.mark.parametrize(
     ("data", "code"),
     [
@@ -158,7 +158,7 @@ def test_command_module_names():
     assert "tox" in adj.command_module_names(["tox -e py", None, "unbalanced 'quote"])
 
 
-# --- judging the verify command ---------------------------------------------------------
+# --- judging the verify command ---
 def test_honest_fix_is_strong():
     base = run(1, report(t__a="failed", t__b="passed"))
     head = run(0, report(t__a="passed", t__b="passed"))
@@ -264,7 +264,7 @@ def test_timeouts():
     assert codes(reasons) == ["timeout"]
 
 
-# --- regression ---------------------------------------------------------------------------
+# --- regression ---
 def test_regression_holding_and_broken():
     base = run(1, report(r__a="passed", r__b="failed"), name="regression")
     assert adj.judge_regression(base, run(1, report(r__a="passed", r__b="failed")), "auto") == []
@@ -287,7 +287,7 @@ def test_regression_without_report_needs_exit_zero():
     ]
 
 
-# --- the whole replay judgement ------------------------------------------------------------
+# --- the whole replay judgement ---
 def test_setup_failure_blocks_and_is_unverified():
     base = side("base", setup=run(1, name="setup"))
     reasons, status = adj.judge_replay(base, None, verification())

@@ -952,11 +952,14 @@ def _adjudicate(
         "restored_paths": restore_paths(findings),
     }
     replay_status: str | None = None
+    # The replay can only add rule-3 reasons or confirm a PASS: after any finding (or a
+    # spend reason) that decides on its own, it cannot change the verdict, so it is skipped.
     certain = sorted(
-        {f.kind for f in findings if f.kind in ("structural", "scope", "verifier", "tamper")}
+        {f.kind + " findings" for f in findings if f.kind != "restored"}
+        | {r.code for r in reasons if r.code.startswith("spend_") and rule_of(r.code) < RULE_INFO}
     )
     if certain:
-        why = f"the verdict is already certain ({', '.join(certain)} findings)"
+        why = f"the verdict is already certain ({', '.join(certain)})"
         verification["skipped_reason"] = why
         reasons.append(Reason("replay_skipped", f"the verify command was not replayed: {why}"))
     else:

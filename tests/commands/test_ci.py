@@ -33,7 +33,7 @@ def project(template_repo, tmp_path, monkeypatch):
     return make_project(template_repo, tmp_path, monkeypatch)
 
 
-# --- the honest path and the plain failures --------------------------------------------
+# --- the honest path and the plain failures ---
 def test_honest_fix_passes_with_the_base_policy_hash(project, capsys):
     policy_bytes = (project.path / ".runcap/mission.yaml").read_bytes()
     project.fix()
@@ -90,7 +90,7 @@ def test_out_of_scope_edit_is_blocked_without_replay(project, capsys):
     assert doc["verification"]["replayed"] is False
 
 
-# --- the verifier -------------------------------------------------------------------------
+# --- the verifier ---
 @pytest.mark.parametrize(
     ("path", "content"),
     [
@@ -162,7 +162,7 @@ def test_receipt_is_exempt_from_scope_and_verifier_but_not_structure(project, ca
     assert "verifier_touched" in finding_codes(doc, ".runcap/outcomes/abc123/run.py")
 
 
-# --- structure -------------------------------------------------------------------------------
+# --- structure ---
 def _structural(project, action) -> dict:
     project.set_policy(allow=["**"])
     project.fix()
@@ -255,7 +255,7 @@ def test_gitlink_blocks(project, capsys):
     assert "gitlink" in finding_codes(doc, "src/vendored")
 
 
-# --- scope -------------------------------------------------------------------------------------
+# --- scope ---
 @pytest.mark.parametrize(
     ("allow", "path", "in_scope"),
     [
@@ -288,7 +288,7 @@ def test_empty_allow_never_passes(project, capsys):
     assert finding_codes(doc, "src/calc/ops.py") == {"out_of_scope"}
 
 
-# --- regression ---------------------------------------------------------------------------------
+# --- regression ---
 def test_regression_holding(project, capsys):
     project.set_policy(regression=REGRESSION)
     project.fix()
@@ -307,7 +307,7 @@ def test_regression_broken(project, capsys):
     assert any("test_mul" in r["message"] for r in doc["reasons"])
 
 
-# --- bad input --------------------------------------------------------------------------------
+# --- bad input ---
 def test_base_without_head_is_a_usage_error(project, capsys):
     assert main(["ci", "--mode", "adjudicate", "--base", "HEAD"]) == 2
     assert "--head" in capsys.readouterr().err
@@ -365,7 +365,7 @@ def test_empty_change(project, capsys):
     assert code == 1 and codes(doc) == {"empty_change"}
 
 
-# --- events -------------------------------------------------------------------------------------
+# --- events ---
 def _event(tmp_path, monkeypatch, name, payload):
     path = tmp_path / "event.json"
     path.write_text(payload if isinstance(payload, str) else json.dumps(payload))
@@ -456,7 +456,7 @@ def test_no_revisions_and_no_event(project, capsys):
     assert code == 1 and codes(doc) == {"no_revisions"}
 
 
-# --- outputs ------------------------------------------------------------------------------------
+# --- outputs ---
 def test_json_mode_prints_exactly_one_document(project):
     project.fix()
     head = project.commit("fix")
