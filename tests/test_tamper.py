@@ -93,6 +93,18 @@ CASES: list[tuple[str, str, str]] = [
         "def f(d):\n    return d / 'depth.txt'\n",
     ),
     (
+        "names_harness_file",
+        "import pathlib\ndef f(d):\n    pathlib.Path(d, 'test-results.xml').write_text('')\n",
+        "def f(d):\n    return d / 'latest.xml'\n",
+    ),
+    (
+        "ends_process_from_hook",
+        "import signal, os\ndef serve():\n"
+        "    signal.signal(signal.SIGTERM, lambda *a: os._exit(0))\n",
+        "import signal, sys\ndef serve():\n"
+        "    signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))\n",
+    ),
+    (
         "touches_site_packages",
         "import site\nPATHS = site.getsitepackages()\n",
         "site_packages = 'vendor'\n",
@@ -468,7 +480,7 @@ def test_deeply_nested_source_is_handled() -> None:
     body = ("x = " + "(" * 5000 + "1" + ")" * 5000 + "\n").encode()
     assert [f.code for f in scan_change(PATH, None, body)] == ["unparseable_python"]
     long_chain = ("x = " + " + ".join(["1"] * 20000) + "\n").encode()
-    assert scan_change(PATH, None, long_chain) in ([], [scan_change(PATH, None, long_chain)[0]])
+    assert [f.code for f in scan_change(PATH, None, long_chain)] == ["unparseable_python"]
 
 
 def test_too_large_file_is_a_finding() -> None:
@@ -489,6 +501,11 @@ def test_added_module_shadowing_the_framework(path: str) -> None:
 
 def test_module_with_framework_prefix_is_not_a_shadow() -> None:
     assert codes(None, "X = 1\n", "src/calc/pytest_helpers_notes.py") == []
+    assert codes(None, "X = 1\n", "bindings/py/calc.py") == []
+
+
+def test_edited_file_named_like_the_framework_is_not_a_shadow_finding() -> None:
+    assert codes("X = 1\n", "X = 2\n", "src/pytest.py") == []
 
 
 def test_docstring_mentioning_pytest_is_fine() -> None:

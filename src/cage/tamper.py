@@ -114,11 +114,11 @@ CI_ENV_EXACT = frozenset(
         "APPVEYOR",
     }
 )
-CI_ENV_PREFIXES = ("GITHUB_", "RUNNER_", "ACTIONS_", "CAGE_")
+CI_ENV_PREFIXES = ("GITHUB_", "RUNNER_", "ACTIONS_")
 PYTEST_ENV_RE = re.compile(r"^_?PYTEST(_[A-Z0-9_]*)?$")
 HARNESS_FILE_RE = re.compile(
     r"junit|\.pytest_cache|conftest|sitecustomize|usercustomize|pytest\.ini|\.runcap"
-    r"|\.pth$|(report|result|test)[^/\\]*\.xml$",
+    r"|\.pth$|(?<![a-z])(report|results?|tests?)(?![a-z])[^/\\]*\.xml$",
     re.IGNORECASE,
 )
 FRAME_CALLS = frozenset(
@@ -679,6 +679,21 @@ def _handler_verdict(handler: ast.AST, module: Module) -> str | None:
     return None
 
 
+def _soft_only(handler: ast.AST, module: Module) -> bool:
+    """True when the handler ends the process only by raising SystemExit."""
+    if module.resolve(handler) in SOFT_EXITS:
+        return True
+    body = handler.body if isinstance(handler, ast.Lambda) else None
+    if body is None:
+        name = module.resolve(handler)
+        body = module.functions.get(name or "")
+    if body is None:
+        return False
+    kinds = {module.exit_kind(sub) for sub in ast.walk(body) if isinstance(sub, ast.Call)}
+    kinds.discard(None)
+    return bool(kinds) and kinds <= SOFT_EXITS
+
+
 def _hook_handlers(node: ast.AST, module: Module) -> Iterator[tuple[str, ast.AST]]:
     if isinstance(node, ast.Call):
         registrar = module.resolve(node.func)
@@ -697,6 +712,9 @@ def _hook_handlers(node: ast.AST, module: Module) -> Iterator[tuple[str, ast.AST
 def _m_ends_process_from_hook(node: ast.AST, scope: Scope, module: Module) -> str | None:
     for registrar, handler in _hook_handlers(node, module):
         why = _handler_verdict(handler, module)
+        graceful = registrar == "signal.signal" and why and _soft_only(handler, module)
+        if graceful and not scope.import_time:
+            continue  # a server's main() that exits on SIGTERM: SystemExit, not a forgery
         if why:
             return f"registers a handler with {registrar} that {why}"
     in_hook = isinstance(scope.func, (ast.FunctionDef, ast.AsyncFunctionDef)) and (
@@ -741,7 +759,7 @@ def _m_dynamic_attribute_on_runtime_module(
     if not isinstance(node, ast.Call) or len(node.args) < 2:
         return None
     verb = module.resolve(node.func)
-    if verb not in {"getattr", "setattr", "delattr", "hasattr"} or _is_str(node.args[1]):
+    if verb not in {"getattr", "setattr", "delattr"} or _is_str(node.args[1]):
         return None
     target = module.resolve(node.args[0])
     if _root(target) in RUNTIME_MODULES:
@@ -803,7 +821,7 @@ RULES: tuple[Rule, ...] = (
     ),
     Rule(
         "reads_ci_environment",
-        "reads CI variables (CI, GITHUB_*, RUNNER_*, ACTIONS_*, CAGE_*, ...)",
+        "reads CI variables (CI, GITHUB_*, RUNNER_*, ACTIONS_*, ...)",
         "code that behaves differently in CI passes the gate without fixing anything",
         _m_reads_ci_environment,
         (ast.Subscript, ast.Call, ast.Compare),
@@ -919,7 +937,8 @@ RULES: tuple[Rule, ...] = (
     Rule(
         "hard_exit_outside_child",
         "os._exit(0), os.exec*, a self-kill in a function of a module that never forks",
-        "called from a test, it ends pytest with status 0 before the report is written",
+        "called from a test, it ends or replaces pytest before the report is written, so the "
+        "exit status is no longer pytest's",
         _m_hard_exit_outside_child,
         (ast.Call,),
     ),
@@ -939,7 +958,7 @@ RULES: tuple[Rule, ...] = (
     ),
     Rule(
         "dynamic_attribute_on_runtime_module",
-        "getattr/setattr/delattr/hasattr on os, sys, builtins, ... with a computed name",
+        "getattr/setattr/delattr on os, sys, builtins, ... with a computed name",
         "a computed attribute name hides a call such as os._exit from every other rule",
         _m_dynamic_attribute_on_runtime_module,
         (ast.Call,),
@@ -1056,7 +1075,8 @@ def _finding(path: str, line: int, code: str, found: str) -> TamperFinding:
 def _shadow_finding(path: str) -> TamperFinding | None:
     parts = re.split(r"[/\\]", path)
     stem = parts[-1].rsplit(".", 1)[0]
-    for part in [*parts[:-1], stem]:
+    # A directory named "py" or "mock" is common (bindings/py/); a module of that name is not.
+    for part in [*(p for p in parts[:-1] if p not in {"py", "mock"}), stem]:
         if part in TEST_FRAMEWORK_MODULES or part == "conftest":
             found = f"adds the module {part!r}"
             return _finding(path, 1, "shadows_test_framework_module", found)
