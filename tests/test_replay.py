@@ -83,6 +83,12 @@ def test_exit_code_is_reported(work, logs, code):
     assert result.report is None and result.report_error is None
 
 
+def test_shell_killed_by_a_signal_reports_the_negative_signal(work, logs):
+    result = run_command("command", "kill -KILL $$", work, 10, logs)
+    assert result.exit_code == -signal.SIGKILL
+    assert result.succeeded is False
+
+
 def test_stdout_and_stderr_go_to_files_in_log_dir(work, logs):
     result = run_command("command", "echo out; echo err >&2; pwd", work, 10, logs)
     assert result.stdout_path.parent == logs
@@ -171,7 +177,8 @@ time.sleep(60)
 """
 
 
-def test_timeout_kills_children_that_ignore_sigterm(work, logs):
+def test_timeout_kills_children_that_ignore_sigterm(work, logs, monkeypatch):
+    monkeypatch.setattr(replay, "TERM_GRACE_S", 0.3)  # the SIGKILL path, sooner
     (work / "stubborn.py").write_text(IGNORE_TERM)
     # The shell ignores TERM too, so only SIGKILL ends the run.
     command = f"trap '' TERM; {PY} stubborn.py & {PY} stubborn.py"
@@ -419,6 +426,15 @@ def test_report_written_by_the_command_is_read(work, logs):
     (work / "write.py").write_text(WRITE_REPORT)
     result = run_command("command", f"{PY} write.py", work, 10, logs)
     assert result.report == TestReport(cases={"t::a": "failed"})
+
+
+def test_lingering_process_cannot_write_the_report_after_the_command(work, logs):
+    (work / "content.xml").write_bytes(b'<testsuite><testcase classname="t" name="a"/></testsuite>')
+    (work / "write.py").write_text(WRITE_REPORT)
+    result = run_command("command", f"(sleep 1; {PY} write.py) & exit 0", work, 10, logs)
+    assert result.leftover_processes_killed >= 1
+    assert result.report is None
+    assert not result.report_path.exists()
 
 
 def test_symlinked_report_is_refused(work, logs):
