@@ -493,10 +493,22 @@ def test_xunit1_root_and_nested_suites():
     assert parse_junit(nested).cases == {"c::deep": "failed"}
 
 
-def test_case_without_classname_uses_name():
+def test_case_without_classname_keeps_the_separator():
     # pytest's collection errors: classname "" and the module as name.
     report = parse_junit(junit(case("tests.test_x", "<error/>", classname="")))
-    assert report.cases == {"tests.test_x": "error"}
+    assert report.cases == {"::tests.test_x": "error"}
+
+
+COLLECTION_ERROR = "import no_such_module_anywhere\n\ndef test_never():\n    pass\n"
+
+
+def test_pytest_collection_error_is_an_error_case(work, logs):
+    (work / "pytest.ini").write_text("[pytest]\n")
+    (work / "test_broken.py").write_text(COLLECTION_ERROR)
+    result = run_command("command", f"{PY} -m pytest -q", work, 60, logs)
+    assert result.exit_code == 2
+    assert result.report is not None
+    assert result.report.cases == {"::test_broken": "error"}
 
 
 @pytest.mark.parametrize(
