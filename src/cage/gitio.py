@@ -20,7 +20,9 @@ written to ``.git/config``. So every call runs with:
   ``filter.<name>.smudge= clean= process=`` and ``required=false``, ``lfs`` always included.
   An attribute ``filter=<name>`` in the tree can only select a configured driver, so this
   leaves the content exactly as committed. The cost: a repository that needs Git LFS content
-  for its tests sees the pointer files in the replay worktree;
+  for its tests sees the pointer files in the replay worktree. These operations also run
+  with ``checkout.workers=0`` (parallel checkout, one worker per core): writing the worktree
+  of a large repository is most of the git work a replay needs;
 - ``--no-textconv --no-ext-diff`` on the diff (``--raw`` reads no content anyway), and the
   plumbing ``diff-tree`` rather than ``diff``, so ``diff.*`` user settings
   (``diff.relative``, ``diff.ignoreSubmodules``, ``diff.renames``) cannot change the listing;
@@ -262,8 +264,10 @@ class Repo:
     def _run(self, args: Sequence[str | bytes], *, what: str, **kw: Any) -> bytes:
         return self._run_in(self.root, args, what=what, **kw)
 
-    def _filter_off_config(self, cwd: Path) -> list[str]:
-        """Config that switches off every configured filter driver (read afresh each time)."""
+    def _checkout_config(self, cwd: Path) -> list[str]:
+        """Config for commands that write files: every configured filter driver off (read
+        afresh each time), and parallel checkout on (one worker per core: the worktree of a
+        large repository is most of cage's own cost)."""
         out = self._run_in(
             cwd,
             ["config", "-z", "--get-regexp", r"^filter\."],
@@ -275,7 +279,7 @@ class Repo:
             key = item.split(b"\n", 1)[0].decode(ENCODING, ERRORS)
             if key.startswith("filter.") and key.count(".") >= 2:
                 names.add(key[len("filter.") : key.rindex(".")])
-        config = []
+        config = ["checkout.workers=0"]
         for name in sorted(names):
             config += [
                 f"filter.{name}.smudge=",
@@ -445,7 +449,7 @@ class Repo:
             self._run(
                 ["worktree", "add", "--detach", "--quiet", str(path), commit],
                 what=f"creating a worktree of {commit} at {path}",
-                config=self._filter_off_config(self.root),
+                config=self._checkout_config(self.root),
             )
             yield Worktree(self, path)
         finally:
@@ -526,7 +530,7 @@ class Worktree:
         self._git(
             ["checkout", "--detach", "--force", "--quiet", "--no-recurse-submodules", commit],
             what=f"switching the worktree {self.path} to {commit}",
-            config=self.repo._filter_off_config(self.path),
+            config=self.repo._checkout_config(self.path),
         )
         self._git(["clean", "-ffdxq"], what=f"cleaning the worktree {self.path}")
 
@@ -540,7 +544,7 @@ class Worktree:
         wanted = sorted({p for p in paths if _is_clean_relpath(p)})
         if not wanted:
             return
-        config = self.repo._filter_off_config(self.path)
+        config = self.repo._checkout_config(self.path)
         try:
             self._restore(commit, wanted, config)
         except GitError as exc:
