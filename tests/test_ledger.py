@@ -92,7 +92,7 @@ def test_newer_ledger_is_refused(tmp_path):
         Ledger.open(path)
 
 
-def test_migration_from_version_0_and_from_version_1_with_data(tmp_path):
+def test_migration_from_version_0(tmp_path):
     # Version 0: an empty SQLite file.
     empty = tmp_path / "empty.db"
     sqlite3.connect(empty).close()
@@ -100,12 +100,16 @@ def test_migration_from_version_0_and_from_version_1_with_data(tmp_path):
         assert opened.add(ev(1))
         assert opened.report("model")[0]["calls"] == 1
 
-    # Version 1: events but no rollup yet; migrating must backfill the totals.
+
+@pytest.mark.parametrize("start", [1, 2])
+def test_migration_from_older_versions_backfills_the_rollups(tmp_path, start):
+    # Events written under an older schema; migrating must rebuild the totals from them.
     old = tmp_path / "old.db"
     db = sqlite3.connect(old)
-    for sql in MIGRATIONS[0]:
-        db.execute(sql)
-    db.execute("PRAGMA user_version = 1")
+    for step in MIGRATIONS[:start]:
+        for sql in step:
+            db.execute(sql)
+    db.execute(f"PRAGMA user_version = {start}")
     db.executemany(
         "INSERT INTO events (timestamp, provider, model, input_tokens, cost_usd, truth, "
         "request_id) VALUES (?, ?, ?, ?, ?, ?, ?)",

@@ -7,11 +7,12 @@ Design (see docs/ledger.md for the user-facing version):
   text order is time order and the UTC day is ``substr(timestamp, 1, 10)``.
 - ``request_id`` is UNIQUE (NULLs allowed any number of times): inserting the same source
   call twice is a no-op, which makes every import idempotent.
-- ``rollup`` holds running totals per (UTC day, provider, model, caller, mission, truth),
-  written in the same transaction as the events it sums, so reports read a few thousand
-  rows instead of scanning a million. Triggers keep it right when someone deletes or edits
-  events by hand; inserts are summed by the writer in SQL (one statement per batch), which
-  is several times cheaper than a per-row trigger.
+- ``rollup_model``, ``rollup_caller``, ``rollup_mission`` (:data:`ROLLUPS`) hold running
+  totals per (UTC day, dimensions, truth), written in the same transaction as the events
+  they sum, so a report reads a few thousand rows instead of scanning a million. Triggers
+  keep them right when someone deletes or edits events by hand; inserts are summed by the
+  writer in SQL (one statement per batch and rollup), several times cheaper than a per-row
+  trigger.
 - The schema is versioned with ``PRAGMA user_version``; :data:`MIGRATIONS` are forward
   steps, applied under a write lock. A ledger newer than this cage is refused.
 
@@ -23,12 +24,11 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import re
 import sqlite3
 import sys
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
@@ -110,55 +110,108 @@ _EVENT_FIELDS: tuple[str, ...] = (
 # ---------------------------------------------------------------------------------------
 # Schema and migrations
 
-_ROLLUP_COLUMNS = (
-    "calls, input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, cost_usd, unpriced"
+_SUMS = (
+    "calls",
+    "input_tokens",
+    "output_tokens",
+    "cache_read_tokens",
+    "cache_write_tokens",
+    "cost_usd",
+    "unpriced",
 )
-
-# Sums one set of event rows (a SELECT over events aliased `e`) into the rollup. NULL keys
-# are stored as '' because a UNIQUE key treats NULLs as distinct; the writer turns empty
-# caller/mission/role strings into NULL, so '' in the rollup means exactly "none".
-_ROLLUP_UPSERT = (
-    "INSERT INTO rollup (day, provider, model, caller, mission_id, truth, "
-    + _ROLLUP_COLUMNS
-    + ") SELECT substr(e.timestamp, 1, 10), e.provider, e.model, ifnull(e.caller, ''), "
-    "ifnull(e.mission_id, ''), e.truth, count(*), sum(e.input_tokens), sum(e.output_tokens), "
-    "sum(e.cache_read_tokens), sum(e.cache_write_tokens), total(e.cost_usd), "
-    "sum(e.cost_usd IS NULL) FROM events AS e WHERE {where} "
-    "GROUP BY 1, 2, 3, 4, 5, 6 "
-    "ON CONFLICT (day, provider, model, caller, mission_id, truth) DO UPDATE SET "
-    "calls = calls + excluded.calls, "
-    "input_tokens = input_tokens + excluded.input_tokens, "
-    "output_tokens = output_tokens + excluded.output_tokens, "
-    "cache_read_tokens = cache_read_tokens + excluded.cache_read_tokens, "
-    "cache_write_tokens = cache_write_tokens + excluded.cache_write_tokens, "
-    "cost_usd = cost_usd + excluded.cost_usd, "
-    "unpriced = unpriced + excluded.unpriced"
+# How each rollup sum is computed from events `e`, and what one event row contributes.
+_SUM_OF_EVENTS = (
+    "count(*)",
+    "sum(e.input_tokens)",
+    "sum(e.output_tokens)",
+    "sum(e.cache_read_tokens)",
+    "sum(e.cache_write_tokens)",
+    "total(e.cost_usd)",
+    "sum(e.cost_usd IS NULL)",
 )
+_ONE_ROW = (
+    "1",
+    "old.input_tokens",
+    "old.output_tokens",
+    "old.cache_read_tokens",
+    "old.cache_write_tokens",
+    "ifnull(old.cost_usd, 0)",
+    "(old.cost_usd IS NULL)",
+)
+# Event column -> rollup key expression. NULL keys are stored as '' because a primary key
+# treats NULLs as distinct; the writer turns empty caller/mission strings into NULL, so
+# '' in a rollup means exactly "none".
+_KEY_OF = {
+    "provider": "{t}.provider",
+    "model": "{t}.model",
+    "caller": "ifnull({t}.caller, '')",
+    "mission_id": "ifnull({t}.mission_id, '')",
+}
+
+# The rollups (schema 3): each sums events per (UTC day, its dimensions, truth). One per
+# report shape keeps each small whatever the others' cardinality: by-model rows are bounded
+# by days x models even with a million distinct missions.
+ROLLUPS: dict[str, tuple[str, ...]] = {
+    "rollup_model": ("provider", "model"),
+    "rollup_caller": ("caller",),
+    "rollup_mission": ("mission_id", "provider", "model"),
+}
 
 
-def _rollup_subtract_trigger(name: str, when: str) -> str:
-    # Manual DELETE/UPDATE of events (sqlite3 shell, a cleanup script) keeps the rollup
-    # right. Inserts are summed by the writer instead: cheaper per row at import scale.
+def _rollup_table_sql(table: str, dims: Sequence[str]) -> str:
+    columns = ", ".join(f"{d} TEXT NOT NULL" for d in ("day", *dims, "truth"))
+    sums = ", ".join(
+        f"{name} {'REAL' if name == 'cost_usd' else 'INTEGER'} NOT NULL" for name in _SUMS
+    )
+    key = ", ".join(("day", *dims, "truth"))
+    return f"CREATE TABLE {table} ({columns}, {sums}, PRIMARY KEY ({key})) WITHOUT ROWID"
+
+
+def _rollup_upsert_sql(table: str, dims: Sequence[str], where: str) -> str:
+    """Sum the events matching ``where`` (events aliased ``e``) into one rollup table."""
+    key = ("day", *dims, "truth")
+    keys = ", ".join(
+        ["substr(e.timestamp, 1, 10)", *(_KEY_OF[d].format(t="e") for d in dims), "e.truth"]
+    )
+    groups = ", ".join(str(i + 1) for i in range(len(key)))
+    updates = ", ".join(f"{name} = {name} + excluded.{name}" for name in _SUMS)
     return (
-        f"CREATE TRIGGER {name} AFTER {when} ON events BEGIN "
-        "UPDATE rollup SET calls = calls - 1, "
-        "input_tokens = input_tokens - old.input_tokens, "
-        "output_tokens = output_tokens - old.output_tokens, "
-        "cache_read_tokens = cache_read_tokens - old.cache_read_tokens, "
-        "cache_write_tokens = cache_write_tokens - old.cache_write_tokens, "
-        "cost_usd = cost_usd - ifnull(old.cost_usd, 0), "
-        "unpriced = unpriced - (old.cost_usd IS NULL) "
-        "WHERE day = substr(old.timestamp, 1, 10) AND provider = old.provider "
-        "AND model = old.model AND caller = ifnull(old.caller, '') "
-        "AND mission_id = ifnull(old.mission_id, '') AND truth = old.truth; "
-        "DELETE FROM rollup WHERE calls <= 0; "
-        + (_ROLLUP_UPSERT.format(where="e.id = new.id") + "; " if when.startswith("UPDATE") else "")
-        + "END"
+        f"INSERT INTO {table} ({', '.join(key)}, {', '.join(_SUMS)}) "
+        f"SELECT {keys}, {', '.join(_SUM_OF_EVENTS)} FROM events AS e WHERE {where} "
+        f"GROUP BY {groups} ON CONFLICT ({', '.join(key)}) DO UPDATE SET {updates}"
     )
 
 
-# MIGRATIONS[i] takes a ledger from user_version i to i + 1. Append only; never edit a step
-# that has shipped (ledgers in the field have already run it).
+def _rollup_subtract_sql(table: str, dims: Sequence[str]) -> str:
+    """Take the ``old`` event row out of one rollup table (inside a trigger)."""
+    sets = ", ".join(f"{name} = {name} - {one}" for name, one in zip(_SUMS, _ONE_ROW, strict=True))
+    match = " AND ".join(
+        [
+            "day = substr(old.timestamp, 1, 10)",
+            *(f"{d} = {_KEY_OF[d].format(t='old')}" for d in dims),
+            "truth = old.truth",
+        ]
+    )
+    return f"UPDATE {table} SET {sets} WHERE {match}; DELETE FROM {table} WHERE calls <= 0"
+
+
+def _rollup_triggers_sql(rollups: Mapping[str, Sequence[str]]) -> tuple[str, str]:
+    # Manual DELETE/UPDATE of events (sqlite3 shell, a cleanup script) keeps the rollups
+    # right. Inserts are summed by the writer instead (one statement per batch and rollup),
+    # several times cheaper than a per-row trigger at import scale.
+    subtract = "; ".join(_rollup_subtract_sql(t, d) for t, d in rollups.items())
+    add_new = "; ".join(_rollup_upsert_sql(t, d, "e.id = new.id") for t, d in rollups.items())
+    return (
+        f"CREATE TRIGGER events_rollup_delete AFTER DELETE ON events BEGIN {subtract}; END",
+        f"CREATE TRIGGER events_rollup_update AFTER UPDATE ON events BEGIN {subtract}; "
+        f"{add_new}; END",
+    )
+
+
+_V2_ROLLUP = {"rollup": ("provider", "model", "caller", "mission_id")}
+
+# MIGRATIONS[i] takes a ledger from user_version i to i + 1. Append only; never change
+# what a step that has shipped does (ledgers in the field have already run it).
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
     # 1: the events table.
     (
@@ -185,25 +238,9 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         ")",
         "CREATE INDEX events_timestamp ON events (timestamp)",
     ),
-    # 2: the rollup the reports read, budget threshold flags, and a backfill of the rollup
-    # from whatever events a version-1 ledger already holds.
+    # 2: one rollup over every dimension, budget threshold flags, and a backfill.
     (
-        "CREATE TABLE rollup ("
-        " day TEXT NOT NULL,"
-        " provider TEXT NOT NULL,"
-        " model TEXT NOT NULL,"
-        " caller TEXT NOT NULL,"
-        " mission_id TEXT NOT NULL,"
-        " truth TEXT NOT NULL,"
-        " calls INTEGER NOT NULL,"
-        " input_tokens INTEGER NOT NULL,"
-        " output_tokens INTEGER NOT NULL,"
-        " cache_read_tokens INTEGER NOT NULL,"
-        " cache_write_tokens INTEGER NOT NULL,"
-        " cost_usd REAL NOT NULL,"
-        " unpriced INTEGER NOT NULL,"
-        " PRIMARY KEY (day, provider, model, caller, mission_id, truth)"
-        ") WITHOUT ROWID",
+        _rollup_table_sql("rollup", _V2_ROLLUP["rollup"]),
         "CREATE INDEX rollup_mission ON rollup (mission_id, day)",
         "CREATE INDEX events_mission ON events (mission_id, timestamp)",
         "CREATE TABLE thresholds ("
@@ -214,9 +251,18 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         " fired_at TEXT NOT NULL,"
         " PRIMARY KEY (mission_id, kind)"
         ")",
-        _ROLLUP_UPSERT.format(where="1"),
-        _rollup_subtract_trigger("events_rollup_delete", "DELETE"),
-        _rollup_subtract_trigger("events_rollup_update", "UPDATE"),
+        _rollup_upsert_sql("rollup", _V2_ROLLUP["rollup"], "1"),
+        *_rollup_triggers_sql(_V2_ROLLUP),
+    ),
+    # 3: the single rollup grows with missions x callers; replace it by one per report
+    # shape (ROLLUPS), backfilled from the events.
+    (
+        "DROP TRIGGER events_rollup_delete",
+        "DROP TRIGGER events_rollup_update",
+        "DROP TABLE rollup",
+        *(_rollup_table_sql(t, d) for t, d in ROLLUPS.items()),
+        *(_rollup_upsert_sql(t, d, "1") for t, d in ROLLUPS.items()),
+        *_rollup_triggers_sql(ROLLUPS),
     ),
 )
 
@@ -580,7 +626,9 @@ class SQLiteLedger(Ledger):
             except sqlite3.OperationalError as exc:
                 if not _is_busy(exc) or time.monotonic() > deadline:
                     raise
-                time.sleep(delay * (1 + random.random()))
+                # Jitter from the clock (no `random` import: it costs start-up time for every
+                # `cage report`); it only has to differ between competing processes.
+                time.sleep(delay * (1 + (time.perf_counter_ns() % 1000) / 1000))
                 delay = min(delay * 2, 0.5)
 
     def _write(self, action):  # type: ignore[no-untyped-def]
@@ -626,7 +674,8 @@ class SQLiteLedger(Ledger):
         db.executemany(_INSERT, rows)
         new = db.total_changes - changes
         if new:
-            db.execute(_ROLLUP_UPSERT.format(where="e.id > ?"), (before,))
+            for table, dims in ROLLUPS.items():
+                db.execute(_rollup_upsert_sql(table, dims, "e.id > ?"), (before,))
         return new
 
     # -- reading ------------------------------------------------------------------------
@@ -642,8 +691,8 @@ class SQLiteLedger(Ledger):
 
         Rows: key, calls, input/output/cache_read/cache_write tokens, cost_usd (sum of the
         priced calls), unpriced (calls with no price), truth {measured, modeled, estimated}
-        (calls per label). Date bounds are UTC days and read the rollup; bounds with a time
-        of day read the events table through its timestamp index.
+        (calls per label). Date bounds are UTC days and read a rollup table; bounds with a
+        time of day (and by-caller within a mission) read the events table.
         """
         if by not in REPORT_KEYS:
             raise LedgerError(f"cannot report by {by!r}: use one of {', '.join(REPORT_KEYS)}")
@@ -656,8 +705,9 @@ class SQLiteLedger(Ledger):
         key = REPORT_KEYS[by]
         where: list[str] = []
         params: list[Any] = []
-        if exact_days:
-            # Days are whole in the rollup: compare the day column with the bound's day.
+        table = _rollup_for(key, mission is not None) if exact_days else None
+        if table is not None:
+            # Days are whole in a rollup: compare its day column with the bound's day.
             if low is not None:
                 where.append("day >= ?")
                 params.append(low[:10])
@@ -673,7 +723,7 @@ class SQLiteLedger(Ledger):
                 "total(cost_usd) AS cost, sum(unpriced), "
                 "total(CASE WHEN truth = 'measured' THEN calls END), "
                 "total(CASE WHEN truth = 'modeled' THEN calls END), "
-                "total(CASE WHEN truth = 'estimated' THEN calls END) FROM rollup"
+                f"total(CASE WHEN truth = 'estimated' THEN calls END) FROM {table}"
             )
         else:
             if low is not None:
@@ -814,6 +864,15 @@ class SQLiteLedger(Ledger):
     def close(self) -> None:
         """Close the connection (idempotent)."""
         self._db.close()
+
+
+def _rollup_for(key: str, by_mission: bool) -> str | None:
+    """The smallest rollup that has ``key`` (and mission_id when filtering by mission)."""
+    for table, dims in ROLLUPS.items():
+        have = {"day", *dims}
+        if key in have and (not by_mission or "mission_id" in have):
+            return table
+    return None
 
 
 def _batches(events: Iterable[Event], size: int) -> Iterator[list[Event]]:

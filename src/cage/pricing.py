@@ -219,7 +219,13 @@ _SLOTS: tuple[tuple[str, str], ...] = (
     ("cache_write", "cache_write_mtok"),
     ("cache_write_1h", "cache_write_1h_mtok"),
 )
-_KNOWN_PRICE_KEYS = frozenset(key for _, key in _SLOTS)
+# Usages the fast path is checked against: plain, every cache kind, and a prompt above the
+# usual 128k/200k tier thresholds.
+_PROBES = (
+    Usage(1000, 100),
+    Usage(1000, 100, 300, 200, 50),
+    Usage(250_000, 1000, 10_000, 5000, 0),
+)
 _PARENT = {"cache_read": "input", "cache_write": "input", "cache_write_1h": "cache_write"}
 
 
@@ -281,11 +287,6 @@ def _rates(provider: str, model: str, when: str) -> _Rates | None:
     model_price = info.get_prices(stamp)
     from genai_prices.types import TieredPrices
 
-    set_keys = {
-        key
-        for key, value in vars(model_price).items()
-        if value is not None and not key.startswith("_")
-    }
     slots: dict[str, tuple[float, tuple[tuple[int, float], ...]]] = {}
     for slot, key in _SLOTS:
         value = getattr(model_price, key, None)
@@ -299,18 +300,16 @@ def _rates(provider: str, model: str, when: str) -> _Rates | None:
             slots[slot] = (float(value.base) / 1e6, tiers)
         else:
             slots[slot] = (float(value) / 1e6, ())
-    # Token prices cage does not model (audio, per-modality text, 5m-only cache writes)
-    # could change how genai-prices splits our counts: let it compute those models itself.
-    token_keys = {k for k in set_keys if k.endswith("_mtok")}
-    rates = _Rates(model_price, slots, fallback=not token_keys <= _KNOWN_PRICE_KEYS)
-    if not rates.fallback:
-        # Prove the fast arithmetic equals genai-prices' own on a probe (one slow call per
-        # model and day); if it ever differs, price this model the slow, exact way.
-        for probe in (Usage(1000, 100, 300, 200, 50), Usage(250_000, 1000, 10_000, 5000, 0)):
-            expected = _slow(rates, probe)
-            got = _fast(rates, probe)
-            if not math.isclose(expected, got, rel_tol=1e-9, abs_tol=1e-12):
-                return replace(rates, fallback=True)
+    # Prices for units cage never reports (audio, per-modality text, searches) count zero
+    # here, but could in principle change how genai-prices splits our counts. So prove the
+    # fast arithmetic equals genai-prices' own on probes (one slow call each per model and
+    # day) and price the model the slow, exact way if any probe differs.
+    rates = _Rates(model_price, slots, fallback=False)
+    for probe in _PROBES:
+        expected = _slow(rates, probe)
+        got = _fast(rates, probe)
+        if not math.isclose(expected, got, rel_tol=1e-9, abs_tol=1e-12):
+            return replace(rates, fallback=True)
     return rates
 
 
