@@ -340,6 +340,16 @@ def test_aliases_are_resolved(source: str) -> None:
     assert "ends_process_at_import" in codes(None, source)
 
 
+def test_local_variable_named_like_a_module_is_not_the_module() -> None:
+    new = "class Lexer:\n    builtins = {'car'}\n    def add(self):\n        builtins = set()\n"
+    new += "        builtins.update(['cdr'])\n        sys = object()\n        sys.exit = 1\n"
+    assert codes(None, new) == []
+
+
+def test_class_attribute_named___name___is_not_a_module_rename() -> None:
+    assert codes(None, "class Ref:\n    __name__ = 'Ref'\n") == []
+
+
 def test_alias_of_builtins_module() -> None:
     assert codes(None, "import builtins as b\nb.abs = len\n") == ["replaces_builtin"]
 

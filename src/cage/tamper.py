@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ast
 import bisect
+import builtins
 import difflib
 import re
 from collections.abc import Callable, Iterable, Iterator
@@ -217,6 +218,7 @@ class Scope:
     unit: tuple[int, int]  # lines of the innermost def or class, else module statement
     import_time: bool  # runs while the module is imported
     top: str | None = None  # the top-level function this code belongs to
+    in_class: bool = False  # directly in a class body
 
 
 @dataclass
@@ -270,8 +272,15 @@ class Module:
                     parts.append(self.aliases[base])
                 elif base == "__builtins__":
                     parts.append("builtins")
+                elif base in _BUILTIN_NAMES or base in self.functions:
+                    parts.append(base)
                 else:
-                    parts.append(self._star(base) or base)
+                    # A name bound by neither an import nor the builtins is a local
+                    # variable (`builtins = [...]` in a lexer), not the module.
+                    star = self._star(base)
+                    if star is None:
+                        return None
+                    parts.append(star)
                 break
             else:
                 return None
@@ -319,6 +328,7 @@ class Rule:
 # Small AST helpers.
 
 
+_BUILTIN_NAMES = frozenset(dir(builtins)) | {"exit", "quit"}
 _STORES = (ast.Assign, ast.AugAssign, ast.AnnAssign, ast.Delete)
 
 
@@ -785,6 +795,8 @@ def _m_always_equal(node: ast.AST, scope: Scope, module: Module) -> str | None:
 
 
 def _m_fakes_module_name(node: ast.AST, scope: Scope, module: Module) -> str | None:
+    if scope.func is not None or scope.in_class:
+        return None  # a class's or function's own __name__ is not the module's
     for target in _stores(node):
         if isinstance(target, ast.Name) and target.id == "__name__":
             return "assigns __name__"
@@ -1114,7 +1126,7 @@ def _walk(tree: ast.Module, module: Module) -> Iterator[tuple[ast.AST, Scope]]:
             children.append((node.args, scope))
             children.append((node.body, inner))
         elif isinstance(node, ast.ClassDef):
-            inner = Scope(scope.func, _span(node), scope.import_time, scope.top)
+            inner = Scope(scope.func, _span(node), scope.import_time, scope.top, True)
             for name, value in ast.iter_fields(node):
                 target = inner if name == "body" else scope
                 children.extend((child, target) for child in _as_nodes(value))
@@ -1165,6 +1177,9 @@ def _learn(module: Module, node: ast.AST, scope: Scope, docstrings: set[int]) ->
         for alias in node.names:
             if alias.asname:
                 module.aliases[alias.asname] = alias.name
+            else:
+                root = alias.name.split(".", 1)[0]
+                module.aliases[root] = root
     elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
         for alias in node.names:
             if alias.name == "*":
@@ -1175,7 +1190,11 @@ def _learn(module: Module, node: ast.AST, scope: Scope, docstrings: set[int]) ->
         docstrings.add(id(node.value))  # type: ignore[attr-defined]
     elif isinstance(node, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
         module.assignments.append(node)
-        if any(isinstance(t, ast.Name) and t.id == "__name__" for t in _stores(node)):
+        if (
+            scope.func is None
+            and not scope.in_class
+            and any(isinstance(t, ast.Name) and t.id == "__name__" for t in _stores(node))
+        ):
             module.renames_module = True
     if (
         isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
