@@ -270,7 +270,7 @@ def test_policy_protect_negation_takes_back_earlier_patterns():
 # -- scope ------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("allow", [["src"], ["src/"], ["/src"], ["src/**"]])
+@pytest.mark.parametrize("allow", [["src"], ["src/"], ["/src"], ["src/**"], ["./src/"]])
 def test_bare_directory_means_everything_under_it_at_the_root(allow):
     assert in_scope("src/a.py", allow)
     assert in_scope("src/deep/er/b.txt", allow)

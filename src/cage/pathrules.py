@@ -520,6 +520,8 @@ def anchor(pattern: str) -> str:
     """A policy glob anchored at the repository root (as if it began with ``/``)."""
     negate = pattern.startswith("!")
     body = pattern[1:] if negate else pattern
+    while body.startswith("./"):  # "./src/" is how many people write "the top-level src"
+        body = body[2:]
     if body and not body.startswith("/") and not body.startswith("#"):
         body = "/" + body
     return ("!" if negate else "") + body
