@@ -33,7 +33,7 @@ class ServerThread:
     def __init__(self, app: web.Application) -> None:
         self.loop = asyncio.new_event_loop()
         ready = threading.Event()
-        self.runner = web.AppRunner(app, access_log=None)
+        self.runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
 
         def serve() -> None:
             asyncio.set_event_loop(self.loop)
@@ -48,6 +48,11 @@ class ServerThread:
             ready.set()
             self.loop.run_forever()
             self.loop.run_until_complete(self.runner.cleanup())
+            # The "hang" fault's handler never ends by itself.
+            pending = asyncio.all_tasks(self.loop)
+            for task in pending:
+                task.cancel()
+            self.loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
             self.loop.close()
 
         self.thread = threading.Thread(target=serve, daemon=True)
@@ -106,10 +111,12 @@ def call(url: str, path: str, body: dict, headers: dict | None = None) -> tuple[
     """One request with a fresh aiohttp client; returns status, headers, raw body."""
 
     async def go() -> tuple[int, dict, bytes]:
-        async with aiohttp.ClientSession(auto_decompress=True) as session:
-            async with session.post(url + path, json=body, headers=headers or {}) as response:
-                lowered = {k.lower(): v for k, v in response.headers.items()}
-                return response.status, lowered, await response.read()
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(url + path, json=body, headers=headers or {}) as response,
+        ):
+            lowered = {k.lower(): v for k, v in response.headers.items()}
+            return response.status, lowered, await response.read()
 
     return asyncio.run(go())
 
@@ -120,7 +127,13 @@ def chat(stream: bool = False, **extra) -> dict:
 
 
 def responses(stream: bool = False, **extra) -> dict:
-    return {"model": "gpt-4o-mini", "input": PROMPT, "stream": stream, "max_output_tokens": 100, **extra}
+    return {
+        "model": "gpt-4o-mini",
+        "input": PROMPT,
+        "stream": stream,
+        "max_output_tokens": 100,
+        **extra,
+    }
 
 
 def messages(stream: bool = False, **extra) -> dict:
@@ -168,7 +181,7 @@ CASES = [
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
 @pytest.mark.parametrize("path,body,raw,expected", CASES, ids=["chat", "responses", "messages"])
 def test_exact_usage_for_each_api(proxy, ledger_path, path, body, raw, expected, stream):
-    status, headers, data = call(
+    status, headers, _data = call(
         proxy.url, path, body(stream), {"x-cage-mock-usage": json.dumps(raw)}
     )
     assert status == 200
@@ -176,10 +189,14 @@ def test_exact_usage_for_each_api(proxy, ledger_path, path, body, raw, expected,
     (event,) = events_of(ledger_path)
     provider = "anthropic" if path == "/v1/messages" else "openai"
     assert (event.provider, event.source, event.truth, event.error_class) == (
-        provider, "proxy", "measured", None
+        provider,
+        "proxy",
+        "measured",
+        None,
     )
-    got = Usage(event.input_tokens, event.output_tokens, event.cache_read_tokens,
-                event.cache_write_tokens)
+    got = Usage(
+        event.input_tokens, event.output_tokens, event.cache_read_tokens, event.cache_write_tokens
+    )
     assert got == expected
     assert event.cost_usd == pytest.approx(price(provider, event.model, expected))
     assert event.cost_usd > 0
@@ -198,9 +215,7 @@ def test_chat_stream_usage_chunk_is_injected_and_hidden(proxy, ledger_path):
     assert chunks[-1] == "[DONE]"
     # The client did not ask for usage: it sees no usage-only chunk...
     assert all(c == "[DONE]" or c["choices"] != [] for c in chunks)
-    text = "".join(
-        c["choices"][0]["delta"].get("content", "") for c in chunks if c != "[DONE]"
-    )
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c != "[DONE]")
     assert text == " ".join(mockupstream._reply_words(mockupstream.DEFAULT_REPLY_WORDS))
     proxy.flush()
     # ...and the ledger still has the measured usage the proxy asked for.
@@ -218,8 +233,12 @@ def test_chat_stream_usage_chunk_kept_when_the_client_asked(proxy, ledger_path):
 
 def test_anthropic_message_delta_usage_is_cumulative_not_added(proxy, ledger_path):
     # message_start says output_tokens 1, message_delta says 55 (the total): 55, not 56.
-    call(proxy.url, "/v1/messages", messages(stream=True),
-         {"x-cage-mock-usage": json.dumps(MESSAGES_USAGE)})
+    call(
+        proxy.url,
+        "/v1/messages",
+        messages(stream=True),
+        {"x-cage-mock-usage": json.dumps(MESSAGES_USAGE)},
+    )
     proxy.flush()
     (event,) = events_of(ledger_path)
     assert event.output_tokens == 55
@@ -232,7 +251,8 @@ def test_stream_reaches_the_client_before_it_ends(proxy):
         async with aiohttp.ClientSession() as session:
             started = time.monotonic()
             async with session.post(
-                proxy.url + "/v1/messages", json=messages(stream=True),
+                proxy.url + "/v1/messages",
+                json=messages(stream=True),
                 headers={"x-cage-mock-delay-ms": "100", "x-cage-mock-output-tokens": "8"},
             ) as response:
                 await response.content.readuntil(b"\n\n")
@@ -248,8 +268,11 @@ def test_stream_reaches_the_client_before_it_ends(proxy):
 
 def test_budget_refusal_has_each_providers_error_shape(upstream, ledger_path):
     with start_proxy_in_thread(
-        mission_id="m-cap", budget_usd=0.0001, ledger_path=str(ledger_path),
-        upstream_openai=upstream.url, upstream_anthropic=upstream.url,
+        mission_id="m-cap",
+        budget_usd=0.0001,
+        ledger_path=str(ledger_path),
+        upstream_openai=upstream.url,
+        upstream_anthropic=upstream.url,
     ) as running:
         # claude-sonnet-4-5 at 100k max tokens could cost $1.50: never forwarded.
         status, headers, data = call(running.url, "/v1/messages", messages(max_tokens=100_000))
@@ -279,13 +302,19 @@ def test_fifty_concurrent_streams_never_cross_a_cap_that_fits_ten(upstream, ledg
     worst += 200 * rates.output
     cap = worst * 10.5
     # Each call really costs 90% of its worst case: no slack hides an overshoot.
-    usage = {"prompt_tokens": math.ceil(size / RESERVE_BYTES_PER_TOKEN) - 1,
-             "completion_tokens": 180, "prompt_tokens_details": {"cached_tokens": 0}}
+    usage = {
+        "prompt_tokens": math.ceil(size / RESERVE_BYTES_PER_TOKEN) - 1,
+        "completion_tokens": 180,
+        "prompt_tokens_details": {"cached_tokens": 0},
+    }
     headers = {"x-cage-mock-usage": json.dumps(usage), "x-cage-mock-delay-ms": "20"}
 
     with start_proxy_in_thread(
-        mission_id="m-conc", budget_usd=cap, ledger_path=str(ledger_path),
-        upstream_openai=upstream.url, upstream_anthropic=upstream.url,
+        mission_id="m-conc",
+        budget_usd=cap,
+        ledger_path=str(ledger_path),
+        upstream_openai=upstream.url,
+        upstream_anthropic=upstream.url,
     ) as running:
 
         async def one(session: aiohttp.ClientSession) -> int:
@@ -313,13 +342,28 @@ def test_fifty_concurrent_streams_never_cross_a_cap_that_fits_ten(upstream, ledg
 
 def test_max_calls_and_earlier_mission_spend_count(upstream, ledger_path):
     ledger = Ledger.open(ledger_path)
-    ledger.add(Event(timestamp="2026-11-23T10:00:00Z", provider="openai", model="gpt-4o-mini",
-                     input_tokens=10, output_tokens=10, cost_usd=0.5, truth="measured",
-                     mission_id="m-prior", request_id="earlier-1", source="meter"))
+    ledger.add(
+        Event(
+            timestamp="2026-11-23T10:00:00Z",
+            provider="openai",
+            model="gpt-4o-mini",
+            input_tokens=10,
+            output_tokens=10,
+            cost_usd=0.5,
+            truth="measured",
+            mission_id="m-prior",
+            request_id="earlier-1",
+            source="meter",
+        )
+    )
     ledger.close()
     with start_proxy_in_thread(
-        mission_id="m-prior", budget_usd=10.0, max_calls=3, ledger_path=str(ledger_path),
-        upstream_openai=upstream.url, upstream_anthropic=upstream.url,
+        mission_id="m-prior",
+        budget_usd=10.0,
+        max_calls=3,
+        ledger_path=str(ledger_path),
+        upstream_openai=upstream.url,
+        upstream_anthropic=upstream.url,
     ) as running:
         assert running.spend()["prior_calls"] == 1
         statuses = [call(running.url, "/v1/chat/completions", chat())[0] for _ in range(3)]
@@ -327,8 +371,11 @@ def test_max_calls_and_earlier_mission_spend_count(upstream, ledger_path):
         assert running.budget_exhausted
     # Restarting does not reset the cap: $0.50 spent, so a $0.60 worst case is refused.
     with start_proxy_in_thread(
-        mission_id="m-prior", budget_usd=1.0, ledger_path=str(ledger_path),
-        upstream_openai=upstream.url, upstream_anthropic=upstream.url,
+        mission_id="m-prior",
+        budget_usd=1.0,
+        ledger_path=str(ledger_path),
+        upstream_openai=upstream.url,
+        upstream_anthropic=upstream.url,
     ) as running:
         assert call(running.url, "/v1/chat/completions", chat(max_tokens=1_000_000))[0] == 429
         assert call(running.url, "/v1/chat/completions", chat(max_tokens=100))[0] == 200
@@ -336,9 +383,13 @@ def test_max_calls_and_earlier_mission_spend_count(upstream, ledger_path):
 
 def test_warnings_fire_once(upstream, ledger_path):
     with start_proxy_in_thread(
-        mission_id="m-warn", budget_usd=None, ledger_path=str(ledger_path),
-        upstream_openai=upstream.url, upstream_anthropic=upstream.url,
-        warn_at_usd=0.000001, warn_at_tokens=10,
+        mission_id="m-warn",
+        budget_usd=None,
+        ledger_path=str(ledger_path),
+        upstream_openai=upstream.url,
+        upstream_anthropic=upstream.url,
+        warn_at_usd=0.000001,
+        warn_at_tokens=10,
     ) as running:
         for _ in range(3):
             call(running.url, "/v1/chat/completions", chat())
@@ -358,8 +409,11 @@ def free_port() -> int:
 def test_refused_connection_is_502_free_and_released(upstream, ledger_path):
     dead = f"http://127.0.0.1:{free_port()}"
     with start_proxy_in_thread(
-        mission_id="m-dead", budget_usd=5.0, ledger_path=str(ledger_path),
-        upstream_openai=dead, upstream_anthropic=upstream.url,
+        mission_id="m-dead",
+        budget_usd=5.0,
+        ledger_path=str(ledger_path),
+        upstream_openai=dead,
+        upstream_anthropic=upstream.url,
     ) as running:
         status, _, data = call(running.url, "/v1/chat/completions", chat())
         assert status == 502
@@ -375,11 +429,16 @@ def test_refused_connection_is_502_free_and_released(upstream, ledger_path):
 
 def test_upstream_timeout_is_504_with_an_estimated_event(upstream, ledger_path):
     with start_proxy_in_thread(
-        mission_id="m-slow", budget_usd=5.0, ledger_path=str(ledger_path),
-        upstream_openai=upstream.url, upstream_anthropic=upstream.url, read_timeout_s=0.3,
+        mission_id="m-slow",
+        budget_usd=5.0,
+        ledger_path=str(ledger_path),
+        upstream_openai=upstream.url,
+        upstream_anthropic=upstream.url,
+        read_timeout_s=0.3,
     ) as running:
-        status, _, data = call(running.url, "/v1/messages", messages(),
-                               {"x-cage-mock-fault": "hang"})
+        status, _, data = call(
+            running.url, "/v1/messages", messages(), {"x-cage-mock-fault": "hang"}
+        )
         assert status == 504
         assert json.loads(data)["error"]["type"] == "upstream_timeout"
         assert call(running.url, "/v1/messages", messages())[0] == 200
@@ -392,8 +451,9 @@ def test_upstream_timeout_is_504_with_an_estimated_event(upstream, ledger_path):
 
 
 def test_upstream_5xx_is_passed_through_and_recorded_free(proxy, ledger_path):
-    status, _, data = call(proxy.url, "/v1/chat/completions", chat(),
-                           {"x-cage-mock-fault": "status:503"})
+    status, _, data = call(
+        proxy.url, "/v1/chat/completions", chat(), {"x-cage-mock-fault": "status:503"}
+    )
     assert status == 503
     assert json.loads(data)["error"]["message"] == "mock upstream error 503"
     assert call(proxy.url, "/v1/chat/completions", chat())[0] == 200
@@ -403,21 +463,26 @@ def test_upstream_5xx_is_passed_through_and_recorded_free(proxy, ledger_path):
     assert ok.error_class is None and proxy.spend()["reserved_usd"] == 0
 
 
-@pytest.mark.parametrize("path,body", [("/v1/chat/completions", chat),
-                                       ("/v1/responses", responses),
-                                       ("/v1/messages", messages)])
+@pytest.mark.parametrize(
+    "path,body",
+    [("/v1/chat/completions", chat), ("/v1/responses", responses), ("/v1/messages", messages)],
+)
 def test_stream_cut_midway_gives_partial_stream_and_estimate(proxy, ledger_path, path, body):
     async def go() -> tuple[bytes, BaseException | None]:
         received = b""
-        async with aiohttp.ClientSession() as session:
-            async with session.post(proxy.url + path, json=body(stream=True),
-                                    headers={"x-cage-mock-fault": "cut",
-                                             "x-cage-mock-output-tokens": "40"}) as response:
-                try:
-                    async for chunk in response.content.iter_any():
-                        received += chunk
-                except aiohttp.ClientPayloadError as exc:
-                    return received, exc
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(
+                proxy.url + path,
+                json=body(stream=True),
+                headers={"x-cage-mock-fault": "cut", "x-cage-mock-output-tokens": "40"},
+            ) as response,
+        ):
+            try:
+                async for chunk in response.content.iter_any():
+                    received += chunk
+            except aiohttp.ClientPayloadError as exc:
+                return received, exc
         return received, None
 
     received, error = asyncio.run(go())
@@ -435,8 +500,9 @@ def test_stream_cut_midway_gives_partial_stream_and_estimate(proxy, ledger_path,
 
 
 def test_malformed_stream_is_passed_through_with_an_estimate(proxy, ledger_path):
-    status, _, data = call(proxy.url, "/v1/messages", messages(stream=True),
-                           {"x-cage-mock-fault": "malformed"})
+    status, _, data = call(
+        proxy.url, "/v1/messages", messages(stream=True), {"x-cage-mock-fault": "malformed"}
+    )
     assert status == 200
     assert b"data: {not json" in data
     proxy.flush()
@@ -449,7 +515,8 @@ def test_client_disconnect_mid_stream(proxy, ledger_path):
     async def go() -> None:
         async with aiohttp.ClientSession() as session:
             response = await session.post(
-                proxy.url + "/v1/chat/completions", json=chat(stream=True),
+                proxy.url + "/v1/chat/completions",
+                json=chat(stream=True),
                 headers={"x-cage-mock-delay-ms": "200", "x-cage-mock-output-tokens": "50"},
             )
             await response.content.readuntil(b"\n\n")
@@ -471,11 +538,17 @@ def test_client_disconnect_mid_stream(proxy, ledger_path):
 def test_nothing_secret_is_stored_or_logged(upstream, ledger_path, caplog):
     caplog.set_level("DEBUG")
     with start_proxy_in_thread(
-        mission_id="m-secret", budget_usd=5.0, ledger_path=str(ledger_path),
-        upstream_openai=upstream.url, upstream_anthropic=upstream.url,
+        mission_id="m-secret",
+        budget_usd=5.0,
+        ledger_path=str(ledger_path),
+        upstream_openai=upstream.url,
+        upstream_anthropic=upstream.url,
     ) as running:
-        for path, body in [("/v1/chat/completions", chat), ("/v1/messages", messages),
-                           ("/v1/responses", responses)]:
+        for path, body in [
+            ("/v1/chat/completions", chat),
+            ("/v1/messages", messages),
+            ("/v1/responses", responses),
+        ]:
             for stream in (False, True):
                 headers = {"Authorization": f"Bearer {API_KEY}", "x-api-key": API_KEY}
                 assert call(running.url, path, body(stream), headers)[0] == 200
@@ -491,21 +564,29 @@ def test_other_paths_pass_through_with_credentials_and_routing(upstream, ledger_
     other = ServerThread(mockupstream.create_app())
     try:
         with start_proxy_in_thread(
-            mission_id="m-pass", budget_usd=1.0, ledger_path=str(ledger_path),
-            upstream_openai=upstream.url + "/v1", upstream_anthropic=other.url,
+            mission_id="m-pass",
+            budget_usd=1.0,
+            ledger_path=str(ledger_path),
+            upstream_openai=upstream.url + "/v1",
+            upstream_anthropic=other.url,
         ) as running:
 
             async def go() -> tuple[int, dict, int]:
                 async with aiohttp.ClientSession() as session:
                     async with session.get(
                         running.url + "/echo/x?limit=2",
-                        headers={"Authorization": f"Bearer {API_KEY}", "Connection": "keep-alive, X-Drop",
-                                 "X-Drop": "1", "Keep-Alive": "timeout=5"},
+                        headers={
+                            "Authorization": f"Bearer {API_KEY}",
+                            "Connection": "keep-alive, X-Drop",
+                            "X-Drop": "1",
+                            "Keep-Alive": "timeout=5",
+                        },
                     ) as response:
                         echoed = await response.json()
                     # x-api-key routes to the Anthropic upstream, which has no /echo route.
-                    async with session.get(running.url + "/echo/x",
-                                           headers={"x-api-key": API_KEY}) as response:
+                    async with session.get(
+                        running.url + "/echo/x", headers={"x-api-key": API_KEY}
+                    ) as response:
                         return response.status, echoed, len(upstream.seen)
 
             status, echoed, seen = asyncio.run(go())
@@ -522,10 +603,14 @@ def test_other_paths_pass_through_with_credentials_and_routing(upstream, ledger_
 
 
 def test_mock_mode_answers_all_three_apis(ledger_path):
-    with start_proxy_in_thread(mission_id="m-mock", budget_usd=1.0, mock=True,
-                               ledger_path=str(ledger_path)) as running:
-        for path, body in [("/v1/chat/completions", chat), ("/v1/messages", messages),
-                           ("/v1/responses", responses)]:
+    with start_proxy_in_thread(
+        mission_id="m-mock", budget_usd=1.0, mock=True, ledger_path=str(ledger_path)
+    ) as running:
+        for path, body in [
+            ("/v1/chat/completions", chat),
+            ("/v1/messages", messages),
+            ("/v1/responses", responses),
+        ]:
             for stream in (False, True):
                 assert call(running.url, path, body(stream))[0] == 200
         running.flush()
@@ -537,9 +622,24 @@ def test_mock_mode_answers_all_three_apis(ledger_path):
 def test_cli_serves_until_interrupted(tmp_path):
     env = dict(os.environ, CAGE_LEDGER=str(tmp_path / "cli.db"))
     process = subprocess.Popen(
-        [sys.executable, "-m", "cage", "proxy", "--mock", "--port", "0", "--json",
-         "--mission", "m-cli", "--budget-usd", "1"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        [
+            sys.executable,
+            "-m",
+            "cage",
+            "proxy",
+            "--mock",
+            "--port",
+            "0",
+            "--json",
+            "--mission",
+            "m-cli",
+            "--budget-usd",
+            "1",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
     )
     try:
         info = json.loads(process.stdout.readline())

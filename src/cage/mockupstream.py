@@ -321,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     async def serve() -> None:
-        runner = web.AppRunner(create_app(), access_log=None)
+        runner = web.AppRunner(create_app(), access_log=None, shutdown_timeout=1.0)
         await runner.setup()
         site = web.TCPSite(runner, args.host, args.port)
         await site.start()

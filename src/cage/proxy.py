@@ -55,6 +55,7 @@ ESTIMATE_BYTES_PER_TOKEN = 4
 CONNECT_TIMEOUT_S = 10.0
 # LLM calls can think for minutes before the first byte, and SDKs wait 10 minutes.
 READ_TIMEOUT_S = 600.0
+SHUTDOWN_GRACE_S = 5.0
 
 # RFC 9110 section 7.6.1: meaningful for one connection only, never forwarded.
 HOP_BY_HOP = frozenset(
@@ -752,7 +753,9 @@ class MeteringProxy:
         if self.config.mock:
             from cage import mockupstream
 
-            self._mock_runner = web.AppRunner(mockupstream.create_app(), access_log=None)
+            self._mock_runner = web.AppRunner(
+                mockupstream.create_app(), access_log=None, shutdown_timeout=1.0
+            )
             await self._mock_runner.setup()
             mock_site = web.TCPSite(self._mock_runner, "127.0.0.1", 0)
             await mock_site.start()
@@ -780,7 +783,10 @@ class MeteringProxy:
         app = web.Application(client_max_size=256 * 1024 * 1024)
         app.router.add_route("*", "/{tail:.*}", self._dispatch)
         # No access log: it would cost time per request and could record query strings.
-        self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
+        # On stop, calls in flight get SHUTDOWN_GRACE_S to finish, then are cut (and recorded).
+        self._runner = web.AppRunner(
+            app, access_log=None, handler_cancellation=True, shutdown_timeout=SHUTDOWN_GRACE_S
+        )
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.config.host, self.config.port)
         try:
@@ -1433,6 +1439,10 @@ def start_proxy_in_thread(
             loop.run_forever()
         finally:
             loop.run_until_complete(proxy.stop())
+            pending = asyncio.all_tasks(loop)
+            for task in pending:
+                task.cancel()
+            loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
             loop.run_until_complete(loop.shutdown_asyncgens())
             loop.close()
 
