@@ -426,6 +426,18 @@ def test_realistic_cli_module_is_clean() -> None:
     assert codes(None, cli, "src/calc/cli.py") == []
 
 
+def test_package_main_module_may_exit_at_top_level() -> None:
+    body = "import sys\nfrom calc.cli import main\nsys.exit(main())\n"
+    assert codes(None, body, "src/calc/__main__.py") == []
+    assert codes(None, body, "src/calc/cli.py") == ["ends_process_at_import"]
+
+
+def test_compound_main_guard() -> None:
+    body = "import os, sys\nif sys.platform != 'win32' and __name__ == '__main__':\n"
+    body += "    os.system('ls')\n"
+    assert codes(None, body) == []
+
+
 def test_main_guard_does_not_hide_code_when_name_is_rebound() -> None:
     new = "import os\n__name__ = '__main__'\nif __name__ == '__main__':\n    os._exit(0)\n"
     assert set(codes(None, new)) == {"fakes_module_name", "ends_process_at_import"}

@@ -237,6 +237,7 @@ class Module:
     # Nodes live as long as the scan, so their ids are stable keys.
     _resolved: dict[int, str | None] = field(default_factory=dict)
     callees: dict[str, list[str]] = field(default_factory=dict)  # local call graph
+    is_main_script: bool = False  # a package's __main__.py: only ever run as a script
     body_scopes: dict[str, Scope] = field(default_factory=dict)
     script_scopes: list[Scope] = field(default_factory=list)
     calls: list[tuple[ast.Call, Scope]] = field(default_factory=list)
@@ -355,9 +356,17 @@ def _strings(node: ast.AST) -> Iterator[str]:
 
 
 def _is_main_guard(node: ast.AST) -> bool:
-    if not isinstance(node, ast.If) or not isinstance(node.test, ast.Compare):
+    if not isinstance(node, ast.If):
         return False
-    test = node.test
+    if isinstance(node.test, ast.BoolOp) and isinstance(node.test.op, ast.And):
+        # `if sys.platform != "win32" and __name__ == "__main__":` guards as well.
+        return any(_is_main_test(value) for value in node.test.values)
+    return _is_main_test(node.test)
+
+
+def _is_main_test(test: ast.AST) -> bool:
+    if not isinstance(test, ast.Compare):
+        return False
     if len(test.ops) != 1 or not isinstance(test.ops[0], ast.Eq):
         return False
     sides = [test.left, test.comparators[0]]
@@ -657,7 +666,7 @@ def _m_dynamic_import(node: ast.AST, scope: Scope, module: Module) -> str | None
 
 
 def _m_ends_process_at_import(node: ast.AST, scope: Scope, module: Module) -> str | None:
-    if not scope.import_time:
+    if not scope.import_time or module.is_main_script:
         return None
     if isinstance(node, ast.Raise) and node.exc is not None:
         exc = node.exc.func if isinstance(node.exc, ast.Call) else node.exc
@@ -1294,6 +1303,7 @@ def scan_change(path: str, old: bytes | None, new: bytes) -> list[TamperFinding]
         found = f"does not parse ({type(error).__name__})"
         return [*findings, _finding(path, 1, "unparseable_python", found)]
     module = Module()
+    module.is_main_script = re.split(r"[/\\]", path)[-1] == "__main__.py"
     module.functions = {
         node.name: node
         for node in tree.body
