@@ -524,6 +524,7 @@ def test_added_module_shadowing_the_framework(path: str) -> None:
 def test_module_with_framework_prefix_is_not_a_shadow() -> None:
     assert codes(None, "X = 1\n", "src/calc/pytest_helpers_notes.py") == []
     assert codes(None, "X = 1\n", "bindings/py/calc.py") == []
+    assert codes(None, "X = 1\n", "src/calc/backends/mock.py") == []
 
 
 def test_edited_file_named_like_the_framework_is_not_a_shadow_finding() -> None:

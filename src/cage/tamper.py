@@ -1096,8 +1096,10 @@ def _finding(path: str, line: int, code: str, found: str) -> TamperFinding:
 def _shadow_finding(path: str) -> TamperFinding | None:
     parts = re.split(r"[/\\]", path)
     stem = parts[-1].rsplit(".", 1)[0]
-    # A directory named "py" or "mock" is common (bindings/py/); a module of that name is not.
-    for part in [*(p for p in parts[:-1] if p not in {"py", "mock"}), stem]:
+    # A directory named "py" (bindings/py/) or a module named "mock" (backends/mock.py) is
+    # common in product code; neither is worth a human on its own.
+    dirs = [p for p in parts[:-1] if p not in {"py", "mock"}]
+    for part in [*dirs, stem if stem != "mock" else ""]:
         if part in TEST_FRAMEWORK_MODULES or part == "conftest":
             found = f"adds the module {part!r}"
             return _finding(path, 1, "shadows_test_framework_module", found)
