@@ -357,3 +357,9 @@ def test_every_tamper_pattern_is_in_the_docs():
     docs = (Path(adj.__file__).parent.parent.parent / "docs" / "ci.md").read_text()
     missing = [r.code for r in tamper.RULES if f"`tamper_{r.code}`" not in docs]
     assert missing == []
+
+
+def test_passed_at_base_must_not_vanish_or_be_skipped_at_head():
+    base = run(1, report(t__a="failed", t__b="passed", t__c="passed"))
+    reasons, _ = adj.judge_command(base, run(0, report(t__a="passed", t__c="skipped")), "auto")
+    assert sorted(codes(reasons)) == ["test_not_run", "test_skipped"]

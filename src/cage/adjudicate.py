@@ -578,6 +578,20 @@ def judge_command(base: Any, head: Any | None, evidence: str) -> tuple[list[Reas
             reasons.append(
                 Reason("test_skipped", f"test {test_id} failed at base and is skipped at head")
             )
+    # Tests of the verify command that passed at base must still run and pass: otherwise
+    # product data (an emptied parametrize list, a skip condition) could quietly drop them.
+    for test_id, state in sorted(base_report.cases.items()):
+        if state != "passed":
+            continue
+        now = head_report.cases.get(test_id)
+        if now is None:
+            reasons.append(
+                Reason("test_not_run", f"test {test_id} passed at base and is absent at head")
+            )
+        elif now == "skipped":
+            reasons.append(
+                Reason("test_skipped", f"test {test_id} passed at base and is skipped at head")
+            )
     if collection_error:
         for test_id, state in sorted(head_report.cases.items()):
             if state == "skipped":
@@ -798,7 +812,29 @@ def _command_dict(result: Any) -> dict[str, Any] | None:
         "tests": dict(report.counts, total=report.total) if report is not None else None,
         "report_error": result.report_error,
         "leftover_processes_killed": result.leftover_processes_killed,
+        "output_tail": _output_tail(result) if not result.succeeded else None,
     }
+
+
+TAIL_LINES = 30
+TAIL_BYTES = 4000
+
+
+def _output_tail(result: Any) -> str | None:
+    """The last lines of a failed run's stdout and stderr (untrusted text: callers escape)."""
+    parts = []
+    for path in (result.stdout_path, result.stderr_path):
+        try:
+            with open(path, "rb") as fh:
+                fh.seek(0, os.SEEK_END)
+                fh.seek(max(0, fh.tell() - TAIL_BYTES))
+                data = fh.read()
+        except OSError:
+            continue
+        lines = data.decode("utf-8", "replace").splitlines()[-TAIL_LINES:]
+        if lines:
+            parts.append("\n".join(lines))
+    return "\n".join(parts) if parts else None
 
 
 def _side_dict(side: Any) -> dict[str, Any] | None:

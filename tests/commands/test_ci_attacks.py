@@ -417,3 +417,36 @@ def test_verify_command_output_never_reaches_cages_stdout(project):
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "forged by the command" not in done.stdout + done.stderr
+
+
+def test_failed_output_is_shown_fenced_against_workflow_commands(project, capsys, monkeypatch):
+    monkeypatch.setenv("GITHUB_ACTIONS", "true")
+    project.set_policy(
+        command=f"echo '::error::forged by the command'; printf '\\033[2J'; {COMMAND}"
+    )
+    project.write("src/calc/ops.py", OPS_FIXED.replace("a + b", "b - a"))
+    head = project.commit("not a fix")
+    code = main(
+        [
+            "ci",
+            "--mode",
+            "adjudicate",
+            "--repo",
+            str(project.path),
+            "--base",
+            project.base,
+            "--head",
+            head,
+        ]
+    )
+    lines = capsys.readouterr().out.splitlines()
+    assert code == 1
+    start = next(i for i, line in enumerate(lines) if line.startswith("::stop-commands::"))
+    token = lines[start].split("::")[2]
+    end = lines.index(f"::{token}::")
+    forged = [i for i, line in enumerate(lines) if "forged by the command" in line]
+    assert any(start < i < end for i in forged)
+    outside = [lines[i] for i in forged if not start < i < end]
+    assert not any(line.lstrip().startswith("::") for line in outside)
+    assert not any("\033" in line for line in lines)
+    assert any("1 failed" in line or "assert" in line for line in lines[start:end])

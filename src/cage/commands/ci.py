@@ -102,7 +102,8 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         sys.stdout.write(json.dumps(verdict.to_dict(), indent=2, ensure_ascii=False) + "\n")
     else:
-        sys.stdout.write("\n".join(text_report(verdict)) + "\n")
+        fence = os.environ.get("GITHUB_ACTIONS") == "true"
+        sys.stdout.write("\n".join(text_report(verdict, fence=fence)) + "\n")
     sys.stdout.flush()
     return verdict.exit_code
 
@@ -162,8 +163,31 @@ def _run_line(label: str, result: dict[str, Any] | None) -> str | None:
     return f"  {label}: {exit_text}{counts}, {result.get('duration_s', 0):.1f}s"
 
 
-def text_report(verdict: Any) -> list[str]:
-    """The human summary: verdict, reasons, verification, what to do next."""
+def _output_lines(v: dict[str, Any], *, fence: bool) -> list[str]:
+    """Tails of failed runs at head (and failed setups), escaped, fenced on GitHub."""
+    from cage.github import fenced_output, printable
+
+    runs = [("setup at base", (v.get("base") or {}).get("setup"))]
+    head = v.get("head") or {}
+    runs += [("setup at head", head.get("setup")), ("command at head", head.get("command"))]
+    runs.append(("regression at head", (v.get("regression") or {}).get("head")))
+    lines: list[str] = []
+    for label, result in runs:
+        tail = (result or {}).get("output_tail")
+        if not tail:
+            continue
+        # Terminal escapes and workflow commands in the output must not act on the reader.
+        body = "\n".join("    " + printable(line) for line in tail.splitlines())
+        lines.append(f"output of {label} (last lines):")
+        lines += fenced_output(body) if fence else body.splitlines()
+    return lines
+
+
+def text_report(verdict: Any, *, fence: bool = False) -> list[str]:
+    """The human summary: verdict, reasons, verification, what to do next.
+
+    ``fence`` wraps command output in ``::stop-commands::`` (on GitHub Actions).
+    """
     from cage.github import printable
 
     doc = verdict.to_dict()
@@ -201,6 +225,7 @@ def text_report(verdict: Any) -> list[str]:
             row = _run_line(f"regression at {side}", reg.get(side))
             if row:
                 lines.append(row)
+        lines += _output_lines(v, fence=fence)
     elif v.get("skipped_reason"):
         lines.append(f"verification: not replayed: {printable(v['skipped_reason'])}")
     deciding = next((r["code"] for r in doc["reasons"] if r["code"]), None)
