@@ -224,9 +224,13 @@ def test_parse_raw_diff_rejects_garbage():
 
 def test_read_blobs_reads_1500_blobs_through_one_process(git_repo):
     base = git_repo.commit()
+    # One fast-import stream builds the 1,500-file commit without touching the disk per file.
+    stream = [f"commit refs/heads/main\ncommitter t <t@t> 0 +0000\ndata 4\nhead\nfrom {base}\n"]
     for i in range(1500):
-        git_repo.write(f"pkg/m{i}.py", f"value = {i}\n")
-    head = git_repo.commit()
+        content = f"value = {i}\n"
+        stream.append(f"M 100644 inline pkg/m{i}.py\ndata {len(content)}\n{content}\n")
+    git_repo.git("fast-import", "--quiet", input="".join(stream).encode())
+    head = git_repo.git("rev-parse", "main").strip()
     repo = Repo(git_repo.path)
     changes = repo.diff(base, head)
     assert len(changes) == 1500
@@ -394,6 +398,22 @@ def test_worktree_cleanup_after_the_directory_vanished(git_repo):
     with repo.worktree(base) as wt:
         shutil.rmtree(wt.path)
     assert worktrees(git_repo) == [str(git_repo.path)]
+
+
+def test_worktree_cleanup_of_a_locked_entry_whose_git_file_was_rewritten(git_repo, tmp_path):
+    base, _ = two_commits(git_repo)
+    repo = Repo(git_repo.path)
+    decoy = tmp_path / "decoy"
+    decoy.mkdir()
+    (decoy / "locked").write_text("must survive")
+    with repo.worktree(base) as wt:
+        [admin] = (git_repo.path / ".git" / "worktrees").iterdir()
+        (admin / "locked").write_text("initializing")  # as an interrupted `worktree add` leaves
+        (wt.path / ".git").write_text(f"gitdir: {decoy}\n")  # code in the tree rewrote it
+        path = wt.path
+    assert not path.exists()
+    assert worktrees(git_repo) == [str(git_repo.path)]
+    assert (decoy / "locked").read_text() == "must survive"
 
 
 def test_worktree_of_unknown_commit_leaves_nothing(git_repo):

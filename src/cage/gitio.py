@@ -468,22 +468,41 @@ class Repo:
             raise interrupted
 
     def _remove_worktree_once(self, path: Path) -> None:
-        admin = _admin_dir_of(path)
         try:
             self._run(
                 ["worktree", "remove", "--force", "--force", str(path)],
                 what=f"removing the worktree at {path}",
             )
         except GitError:
-            # Half-made (interrupted add) or damaged: delete it ourselves, unlock the admin
+            # Half-made (interrupted add) or damaged: delete it ourselves, unlock our admin
             # entry (an interrupted add leaves it locked, and prune skips locked entries),
             # then let git forget every entry whose directory is gone.
             shutil.rmtree(path, ignore_errors=True)
-            if admin is not None:
+            for admin in self._admin_dirs_for(path):
                 with contextlib.suppress(OSError):
                     (admin / "locked").unlink()
             self._run(["worktree", "prune"], what="pruning worktree entries")
         shutil.rmtree(path, ignore_errors=True)
+
+    def _admin_dirs_for(self, path: Path) -> list[Path]:
+        """Our ``worktrees/<name>`` entries that belong to ``path``.
+
+        Found from the repository's side (each entry's ``gitdir`` file), never from the
+        worktree's ``.git`` file, which code run in the worktree could have rewritten.
+        """
+        common = self.git_dir
+        with contextlib.suppress(OSError):
+            common = (self.git_dir / (self.git_dir / "commondir").read_text().strip()).resolve()
+        wanted = {str(path / ".git"), str(path.resolve() / ".git")}
+        found = []
+        for admin in (common / "worktrees").glob("*"):
+            try:
+                target = (admin / "gitdir").read_text(ENCODING, ERRORS).strip()
+            except OSError:
+                continue
+            if target in wanted:
+                found.append(admin)
+        return found
 
     def close(self) -> None:
         """Stop the persistent cat-file process."""
@@ -497,17 +516,6 @@ class Repo:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _admin_dir_of(path: Path) -> Path | None:
-    """The ``.git/worktrees/<name>`` directory a worktree's ``.git`` file points to."""
-    try:
-        text = (path / ".git").read_text(ENCODING, ERRORS)
-    except OSError:
-        return None
-    if text.startswith("gitdir: "):
-        return Path(text[len("gitdir: ") :].strip())
-    return None
 
 
 class Worktree:
