@@ -308,6 +308,40 @@ def test_command_does_not_see_ci_credentials(work, logs, monkeypatch):
     assert str(result.report_path) in seen["PYTEST_ADDOPTS"]
 
 
+def test_runner_files_written_by_the_command_are_put_back(work, logs, tmp_path, monkeypatch):
+    # The variables are scrubbed, but the files sit in a predictable folder on a runner.
+    output = tmp_path / "runner" / "set_output"
+    summary = tmp_path / "runner" / "step_summary"
+    env_file = tmp_path / "runner" / "set_env"
+    output.parent.mkdir()
+    output.write_text("earlier=1\n")
+    summary.write_text("# earlier\n")
+    monkeypatch.setenv("GITHUB_OUTPUT", str(output))
+    monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(summary))
+    monkeypatch.setenv("GITHUB_ENV", str(env_file))  # absent before the command
+    monkeypatch.setenv("GITHUB_PATH", str(tmp_path / "runner" / "untouched"))
+    command = (
+        f"echo verdict=PASS >> {output}; rm {summary}; ln -s /etc/passwd {summary}; "
+        f"echo EVIL=1 > {env_file}"
+    )
+    result = run_command("command", command, work, 10, logs)
+    assert result.exit_code == 0
+    assert output.read_text() == "earlier=1\n"
+    assert not summary.is_symlink() and summary.read_text() == "# earlier\n"
+    assert not env_file.exists()
+    assert result.runner_files_restored == ("GITHUB_OUTPUT", "GITHUB_STEP_SUMMARY", "GITHUB_ENV")
+    assert result.to_dict()["runner_files_restored"] == list(result.runner_files_restored)
+
+
+def test_untouched_runner_files_are_not_reported(work, logs, tmp_path, monkeypatch):
+    output = tmp_path / "set_output"
+    output.write_text("earlier=1\n")
+    monkeypatch.setenv("GITHUB_OUTPUT", str(output))
+    result = run_command("command", "true", work, 10, logs)
+    assert result.runner_files_restored == ()
+    assert output.read_text() == "earlier=1\n"
+
+
 @pytest.mark.parametrize("rule", ENV_SCRUB_RULES, ids=lambda rule: rule.pattern)
 def test_each_scrub_rule_removes_its_variables(rule):
     if rule.kind == "exact":

@@ -197,6 +197,9 @@ class CommandResult:
     report_error: str | None
     leftover_processes_killed: int
     report_path: Path | None = None  # where PYTEST_ADDOPTS pointed pytest
+    # Runner files (GITHUB_OUTPUT...) the command changed and cage put back: evidence that
+    # the command tried to write the gate's outputs (a tamper finding for the gate).
+    runner_files_restored: tuple[str, ...] = ()
 
     @property
     def succeeded(self) -> bool:
@@ -216,6 +219,7 @@ class CommandResult:
             "tests": None if self.report is None else self.report.counts,
             "report_error": self.report_error,
             "leftover_processes_killed": self.leftover_processes_killed,
+            "runner_files_restored": list(self.runner_files_restored),
         }
 
 
@@ -568,6 +572,78 @@ def _wait_for_exit(proc: subprocess.Popen, timeout_s: float) -> bool:
         delay = min(delay * 2, 0.05)
 
 
+# Files the GitHub runner reads back after the step: outputs, step summary, environment and
+# PATH of later steps, post-step state. Their variables are scrubbed, but the files sit in a
+# predictable folder ($RUNNER_TEMP/_runner_file_commands), so the command could still find
+# and write them; cage snapshots them before each command and puts them back after.
+RUNNER_FILE_VARS = (
+    "GITHUB_OUTPUT",
+    "GITHUB_STEP_SUMMARY",
+    "GITHUB_ENV",
+    "GITHUB_PATH",
+    "GITHUB_STATE",
+)
+_RUNNER_FILE_MAX = 16 * 1024 * 1024
+_UNREADABLE = b"\0unreadable"  # never equal to real content read below
+
+
+def _read_runner_file(path: str) -> bytes | None:
+    try:
+        fd = os.open(
+            path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+        )
+    except FileNotFoundError:
+        return None
+    except OSError:
+        return _UNREADABLE
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return _UNREADABLE
+        with os.fdopen(os.dup(fd), "rb") as handle:
+            return handle.read(_RUNNER_FILE_MAX + 1)
+    finally:
+        os.close(fd)
+
+
+def _snapshot_runner_files() -> dict[str, tuple[str, bytes | None]]:
+    snapshot = {}
+    for var in RUNNER_FILE_VARS:
+        path = os.environ.get(var)
+        if path:
+            content = _read_runner_file(path)
+            # Not a regular readable file, or too big to hold: nothing cage could restore.
+            if content is None or (content != _UNREADABLE and len(content) <= _RUNNER_FILE_MAX):
+                snapshot[var] = (path, content)
+    return snapshot
+
+
+def _restore_runner_files(snapshot: dict[str, tuple[str, bytes | None]]) -> tuple[str, ...]:
+    """Put every snapshotted runner file back as it was; return the variables whose file
+    the command changed (content, deletion, creation, or a symlink/folder in its place)."""
+    changed = []
+    for var, (path, before) in snapshot.items():
+        if _read_runner_file(path) == before:
+            continue
+        changed.append(var)
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                if os.path.isdir(path) and not os.path.islink(path):
+                    shutil.rmtree(path)
+                else:
+                    os.unlink(path)
+            if before is not None:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+                with os.fdopen(fd, "wb") as handle:
+                    handle.write(before)
+        except OSError as exc:
+            # Fail closed: outputs the command may have forged must not reach the runner.
+            raise CageError(
+                f"the verify command changed {var} ({path}) and cage cannot put it back: "
+                f"{exc.strerror}; the gate's outputs cannot be trusted, re-run the job"
+            ) from None
+    return tuple(changed)
+
+
 def _pytest_addopts(report_path: Path, cache_dir: Path) -> str:
     # pytest splits PYTEST_ADDOPTS with shlex, so quote paths (temp dirs may hold spaces).
     # The cache goes outside the worktree, fresh per run (nothing from an earlier run, such
@@ -624,6 +700,7 @@ def run_command(
 
     with _run_lock, _sigterm_as_interrupt():
         _prepare_cage_process()
+        runner_files = _snapshot_runner_files()
         known_children = {
             ident for ident in map(_identity, psutil.Process().children()) if ident is not None
         }
@@ -657,9 +734,12 @@ def run_command(
             _kill_everything(shell, known_children)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 shell.wait(timeout=KILL_DEADLINE_S)
+            with contextlib.suppress(CageError):
+                _restore_runner_files(runner_files)
             raise
         returncode = shell.wait()
         duration = time.monotonic() - started
+        restored = _restore_runner_files(runner_files)
 
     report, report_error = read_report(report_path)
     return CommandResult(
@@ -674,6 +754,7 @@ def run_command(
         report_error=report_error,
         leftover_processes_killed=leftovers,
         report_path=report_path,
+        runner_files_restored=restored,
     )
 
 
