@@ -278,7 +278,14 @@ class Repo:
         for item in out.split(b"\0"):
             key = item.split(b"\n", 1)[0].decode(ENCODING, ERRORS)
             if key.startswith("filter.") and key.count(".") >= 2:
-                names.add(key[len("filter.") : key.rindex(".")])
+                name = key[len("filter.") : key.rindex(".")]
+                if "=" in name:
+                    # `-c` cannot name this driver, so it cannot be switched off: refuse.
+                    raise GitError(
+                        f"filter driver {name!r} in the git configuration of {cwd} cannot be "
+                        "disabled safely; remove it from the configuration"
+                    )
+                names.add(name)
         config = ["checkout.workers=0"]
         for name in sorted(names):
             config += [
@@ -294,24 +301,13 @@ class Repo:
     def resolve_commit(self, rev: str) -> str:
         """Full SHA of the commit ``rev`` names; GitError for '-' values and unknown revisions."""
         _check_rev(rev)
-        done = subprocess.run(
-            [
-                "git",
-                "-C",
-                str(self.root),
-                *[arg for item in SAFE_CONFIG for arg in ("-c", item)],
-                "rev-parse",
-                "--verify",
-                "--quiet",
-                "--end-of-options",
-                f"{rev}^{{commit}}",
-            ],
-            capture_output=True,
-            env=git_env(),
-            check=False,
+        out = self._run(
+            ["rev-parse", "--verify", "--quiet", "--end-of-options", f"{rev}^{{commit}}"],
+            what=f"resolving {rev!r}",
+            ok_codes=(0, 1),  # 1: does not resolve (judged below); other codes are real errors
         )
-        sha = done.stdout.decode("ascii", "replace").strip()
-        if done.returncode != 0 or not sha:
+        sha = out.decode("ascii", "replace").strip()
+        if not sha or not all(c in "0123456789abcdef" for c in sha):
             raise GitError(
                 f"revision {rev!r} does not resolve to a commit in {self.root}: "
                 "check the name, or fetch the full history (actions/checkout with fetch-depth: 0)"
