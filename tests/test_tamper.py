@@ -288,6 +288,21 @@ CASES: list[tuple[str, str, str]] = [
         "class Num:\n    def __ne__(self, other):\n        return not self == other\n",
     ),
     ("always_equal", "class Num:\n    __eq__ = lambda s, o: True\n", "class Num:\n    x = True\n"),
+    (
+        "always_equal",
+        "class Num:\n    def __eq__(self, other):\n        return 1 == 1\n",
+        "class Num:\n    def __eq__(self, other):\n        return NotImplemented\n",
+    ),
+    (
+        "writes_files_at_import",
+        "import pathlib\npathlib.Path('tests', 'sub', 'conf' + 'test.py').write_text('x')\n",
+        "import pathlib\nTEXT = pathlib.Path(__file__).with_name('data.txt').read_text()\n",
+    ),
+    (
+        "writes_files_at_import",
+        "with open(NAME, 'w') as f:\n    f.write('')\n",
+        "with open(NAME) as f:\n    DATA = f.read()\n",
+    ),
     ("fakes_module_name", "__name__ = '__main__'\n", "NAME = __name__\n"),
 ]
 
@@ -332,6 +347,8 @@ def test_finding_names_file_line_and_reason() -> None:
         "from os import _exit as e\ne(0)\n",
         "from os import *\n_exit(0)\n",
         "import sys\ngetattr(sys, 'exit')(0)\n",
+        "import os\nos.__dict__['_exit'](0)\n",
+        "import os\nvars(os)['_exit'](0)\n",
         "__import__('os')._exit(0)\n",
         "import importlib\nimportlib.import_module('os')._exit(0)\n",
     ],

@@ -257,6 +257,22 @@ class Module:
             if isinstance(node, ast.Attribute):
                 parts.append(node.attr)
                 node = node.value
+            elif (
+                isinstance(node, ast.Subscript)
+                and _is_str(node.slice)
+                and (
+                    (isinstance(node.value, ast.Attribute) and node.value.attr == "__dict__")
+                    or (
+                        isinstance(node.value, ast.Call)
+                        and _call_name_raw(node.value) == "vars"
+                        and len(node.value.args) == 1
+                    )
+                )
+            ):
+                # os.__dict__["_exit"] and vars(os)["_exit"] are os._exit.
+                parts.append(node.slice.value)  # type: ignore[attr-defined]
+                value = node.value
+                node = value.value if isinstance(value, ast.Attribute) else value.args[0]  # type: ignore[attr-defined]
             elif isinstance(node, ast.Call) and _call_name_raw(node) == "getattr":
                 if len(node.args) < 2 or not _is_str(node.args[1]):
                     return None
@@ -786,20 +802,46 @@ def _m_dynamic_attribute_on_runtime_module(
     return None
 
 
+def _ignores_operands(value: ast.AST | None, args: ast.arguments) -> bool:
+    """True when a returned expression mentions no parameter: the same for every input."""
+    if value is None or (isinstance(value, ast.Name) and value.id == "NotImplemented"):
+        return False
+    params = {a.arg for a in [*args.posonlyargs, *args.args, *args.kwonlyargs]}
+    params |= {a.arg for a in (args.vararg, args.kwarg) if a is not None}
+    return not any(isinstance(n, ast.Name) and n.id in params for n in ast.walk(value))
+
+
 def _m_always_equal(node: ast.AST, scope: Scope, module: Module) -> str | None:
-    constant_for = {"__eq__": True, "__ne__": False}
-    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name in constant_for:
+    # __eq__ that answers the same whatever it compares, e.g. `return True`, `return 1 == 1`.
+    names = {"__eq__", "__ne__"}
+    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name in names:
         body = [s for s in node.body if not _is_docstring_expr(s)]
-        if len(body) == 1 and isinstance(body[0], ast.Return):
-            value = body[0].value
-            if isinstance(value, ast.Constant) and value.value is constant_for[node.name]:
-                return f"{node.name} always returns {value.value}"
+        if (
+            len(body) == 1
+            and isinstance(body[0], ast.Return)
+            and _ignores_operands(body[0].value, node.args)
+        ):
+            return f"{node.name} returns {ast.unparse(body[0].value)[:40]} whatever it compares"  # type: ignore[arg-type]
     if isinstance(node, ast.Assign) and isinstance(node.value, ast.Lambda):
+        lam = node.value
         for target in node.targets:
-            if isinstance(target, ast.Name) and target.id in constant_for:
-                body = node.value.body
-                if isinstance(body, ast.Constant) and body.value is constant_for[target.id]:
-                    return f"{target.id} always returns {body.value}"
+            if (
+                isinstance(target, ast.Name)
+                and target.id in names
+                and _ignores_operands(lam.body, lam.args)
+            ):
+                return f"{target.id} returns {ast.unparse(lam.body)[:40]} whatever it compares"
+    return None
+
+
+def _m_writes_files_at_import(node: ast.AST, scope: Scope, module: Module) -> str | None:
+    if (
+        scope.import_time
+        and not module.is_main_script
+        and isinstance(node, ast.Call)
+        and _writes_file(node, module)
+    ):
+        return "writes a file at import time"
     return None
 
 
@@ -990,6 +1032,14 @@ RULES: tuple[Rule, ...] = (
         "a value equal to anything passes `assert f(x) == expected` without a fix",
         _m_always_equal,
         (ast.FunctionDef, ast.AsyncFunctionDef, ast.Assign),
+    ),
+    Rule(
+        "writes_files_at_import",
+        "open(..., 'w'), write_text, write_bytes, os.replace, shutil.copy at import time",
+        "a file written while the tests run can be a conftest.py or .pth that pytest or the "
+        "next run loads, or the report itself",
+        _m_writes_files_at_import,
+        (ast.Call,),
     ),
     Rule(
         "fakes_module_name",
