@@ -259,6 +259,27 @@ def test_command_cannot_read_cage_environment_through_proc(work, logs):
     assert (work / "env.txt").read_bytes() == b""
 
 
+def test_concurrent_calls_do_not_kill_each_other(work, logs):
+    # Cleanup kills cage's new children, so calls from several threads are serialised.
+    results = {}
+
+    def run(label: str, command: str) -> None:
+        results[label] = run_command("command", command, work, 20, logs / label)
+
+    threads = [
+        threading.Thread(target=run, args=("slow", "sleep 0.5; echo slow")),
+        threading.Thread(target=run, args=("quick", "sleep 300 & echo quick")),
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert results["slow"].exit_code == 0
+    assert results["slow"].stdout_path.read_text() == "slow\n"
+    assert results["quick"].exit_code == 0
+    assert results["quick"].leftover_processes_killed == 1
+
+
 def test_processes_that_existed_before_are_left_alone(work, logs):
     bystander = subprocess.Popen(["sleep", "300"])
     try:
