@@ -251,13 +251,19 @@ def test_read_blobs_reads_1500_blobs_through_one_process(git_repo):
     assert cat_file_children() == []
 
 
-def test_read_blobs_missing_object_is_a_git_error(git_repo):
-    git_repo.commit()
+def test_read_blobs_missing_object_is_a_git_error_and_reading_stays_in_step(git_repo):
+    git_repo.write("a.txt", "alpha")
+    git_repo.write("b.txt", "beta")
+    commit = git_repo.commit()
+    a = git_repo.git("rev-parse", f"{commit}:a.txt").strip()
+    b = git_repo.git("rev-parse", f"{commit}:b.txt").strip()
     repo = Repo(git_repo.path)
+    assert repo.read_blobs([a]) == {a: b"alpha"}
     with pytest.raises(GitError, match="missing"):
-        repo.read_blobs(["1" * 40])
+        repo.read_blobs([b, "1" * 40])
     with pytest.raises(GitError, match="not a hexadecimal"):
         repo.read_blobs(["HEAD:a.txt"])
+    assert repo.read_blobs([b, a]) == {b: b"beta", a: b"alpha"}
     repo.close()
 
 

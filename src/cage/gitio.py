@@ -377,12 +377,21 @@ class Repo:
             if not sha or not all(c in "0123456789abcdefABCDEF" for c in sha):
                 raise GitError(f"cannot read object {sha!r}: not a hexadecimal object name")
             try:
-                _, _, _, data = cat.get_object_data(sha)
-            except ValueError as exc:
+                got, _, _, data = cat.get_object_data(sha)
+            except ValueError as exc:  # "<sha> missing": the stream stays in step
                 raise GitError(f"git cat-file: object {sha} is missing: {exc}") from exc
-            except Exception as exc:  # GitPython raises its own errors when the process dies
+            except BaseException as exc:
+                # Interrupted half-way (Ctrl-C, a dead process): the stream may be out of step
+                # with the requests, so it is never used again.
                 self.close()
+                if not isinstance(exc, Exception):
+                    raise
                 raise GitError(f"git cat-file --batch failed reading {sha}: {exc}") from exc
+            if isinstance(got, bytes):  # GitPython gives the header's name as bytes
+                got = got.decode("ascii", "replace")
+            if len(sha) == len(got) and got != sha.lower():
+                self.close()
+                raise GitError(f"git cat-file answered {got} when asked for {sha}")
             blobs[sha] = data
         return blobs
 
