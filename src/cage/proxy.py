@@ -56,6 +56,8 @@ CONNECT_TIMEOUT_S = 10.0
 # LLM calls can think for minutes before the first byte, and SDKs wait 10 minutes.
 READ_TIMEOUT_S = 600.0
 SHUTDOWN_GRACE_S = 5.0
+# Ledger writes are batched over this interval (flush() and stop() cut it short).
+WRITE_INTERVAL_S = 0.2
 
 # RFC 9110 section 7.6.1: meaningful for one connection only, never forwarded.
 HOP_BY_HOP = frozenset(
@@ -383,6 +385,7 @@ class LedgerWriter:
         self.write_errors = 0
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._ready = threading.Event()
+        self._wake = threading.Event()
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="cage-proxy-ledger", daemon=True)
 
@@ -407,12 +410,14 @@ class LedgerWriter:
             return True
         done = threading.Event()
         self._queue.put(done)
+        self._wake.set()
         return done.wait(timeout)
 
     def stop(self) -> None:
         """Write what is queued, close the ledger, end the thread."""
         if self._thread.is_alive():
             self._queue.put(self._STOP)
+            self._wake.set()
             self._thread.join()
 
     def _run(self) -> None:
@@ -434,6 +439,11 @@ class LedgerWriter:
             stopping = False
             while not stopping:
                 batch = [self._queue.get()]
+                if not isinstance(batch[0], threading.Event) and batch[0] is not self._STOP:
+                    # Gather a batch: one wake-up and one transaction per interval, not per
+                    # call, so this thread rarely competes with the event loop for the GIL.
+                    self._wake.wait(WRITE_INTERVAL_S)
+                    self._wake.clear()
                 with contextlib.suppress(queue.Empty):
                     while len(batch) < 500:
                         batch.append(self._queue.get_nowait())
