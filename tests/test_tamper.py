@@ -203,6 +203,16 @@ CASES: list[tuple[str, str, str]] = [
     ("ends_process_at_import", "raise SystemExit(0)\n", "def f():\n    raise SystemExit(0)\n"),
     (
         "ends_process_at_import",
+        "try:\n    import rich\nexcept ImportError:\n    raise SystemExit\n",
+        "try:\n    import rich\nexcept ImportError:\n    raise SystemExit(1)\n",
+    ),
+    (
+        "ends_process_at_import",
+        "import sys\nif sys.version_info < (3, 10):\n    sys.exit(0)\n",
+        "import sys\nif sys.version_info < (3, 10):\n    sys.exit('calc needs Python 3.10')\n",
+    ),
+    (
+        "ends_process_at_import",
         "class A:\n    exit(0)\n",
         "class A:\n    def stop(self):\n        exit(0)\n",
     ),

@@ -66,6 +66,10 @@ SOFT_EXITS = frozenset(
     {"sys.exit", "exit", "quit", "builtins.exit", "builtins.quit", "_thread.interrupt_main"}
 )
 KILLS = frozenset({"os.kill", "os.killpg"})
+# Exits whose first argument is the exit status (or, for SystemExit, a message).
+EXIT_WITH_STATUS = frozenset(
+    {"sys.exit", "exit", "quit", "builtins.exit", "builtins.quit", "os._exit", "posix._exit"}
+)
 FORKS = frozenset({"os.fork", "os.forkpty", "pty.fork", "os.register_at_fork"})
 SPAWNS = frozenset(
     {
@@ -313,6 +317,8 @@ class Module:
     def exit_kind(self, call: ast.Call) -> str | None:
         """The dotted name when ``call`` ends the process, else None."""
         name = self.resolve(call.func)
+        if name in EXIT_WITH_STATUS and _fails_for_sure(call.args[:1]):
+            return None  # `sys.exit(1)`, `sys.exit("usage: ...")`: a failure cannot fake a pass
         if name in HARD_EXITS or name in SOFT_EXITS:
             return name
         if name in KILLS and call.args and self._is_own_process(call.args[0]):
@@ -351,6 +357,16 @@ _STORES = (ast.Assign, ast.AugAssign, ast.AnnAssign, ast.Delete)
 
 def _is_str(node: ast.AST) -> bool:
     return isinstance(node, ast.Constant) and isinstance(node.value, str)
+
+
+def _fails_for_sure(args: list[ast.expr]) -> bool:
+    """True when an exit status is a literal that means failure (non-zero int or a message)."""
+    if not args or not isinstance(args[0], ast.Constant):
+        return False
+    value = args[0].value
+    if isinstance(value, str):
+        return True
+    return isinstance(value, int) and not isinstance(value, bool) and value != 0
 
 
 def _call_name_raw(call: ast.Call) -> str | None:
@@ -686,7 +702,10 @@ def _m_ends_process_at_import(node: ast.AST, scope: Scope, module: Module) -> st
         return None
     if isinstance(node, ast.Raise) and node.exc is not None:
         exc = node.exc.func if isinstance(node.exc, ast.Call) else node.exc
-        if module.resolve(exc) in {"SystemExit", "KeyboardInterrupt", "builtins.SystemExit"}:
+        args = node.exc.args[:1] if isinstance(node.exc, ast.Call) else []
+        if module.resolve(exc) in {"SystemExit", "builtins.SystemExit"} and not _fails_for_sure(
+            args
+        ):
             return f"raises {module.resolve(exc)} at import time"
     if isinstance(node, ast.Call):
         kind = module.exit_kind(node)
@@ -767,10 +786,6 @@ def _m_hard_exit_outside_child(node: ast.AST, scope: Scope, module: Module) -> s
     kind = module.exit_kind(node)
     if kind is None or kind in SOFT_EXITS:
         return None
-    if kind in {"os._exit", "posix._exit"} and node.args:
-        status = node.args[0]
-        if isinstance(status, ast.Constant) and status.value not in (0, False, None):
-            return None  # a non-zero status cannot fake a pass
     return f"calls {kind} in a module that never forks"
 
 
