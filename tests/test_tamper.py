@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import textwrap
 
 import pytest
@@ -561,3 +562,49 @@ def test_edited_file_named_like_the_framework_is_not_a_shadow_finding() -> None:
 def test_docstring_mentioning_pytest_is_fine() -> None:
     new = '"""Helpers; see PYTEST_ADDOPTS and junit.xml in the docs."""\nX = 1\n'
     assert codes(None, new) == []
+
+
+# --- a real change, as the gate sees it -----------------------------------------------
+
+
+def _blob(repo, rev: str, path: str) -> bytes | None:
+    listed = repo.git("ls-tree", "--name-only", rev, "--", path).strip()
+    if not listed:
+        return None
+    done = subprocess.run(
+        ["git", "cat-file", "blob", f"{rev}:{path}"], cwd=repo.path, capture_output=True
+    )
+    return done.stdout
+
+
+def _scan_commits(repo, base: str, head: str) -> list[TamperFinding]:
+    changed = repo.git("diff", "--name-only", "-z", base, head).split("\0")
+    findings: list[TamperFinding] = []
+    for path in filter(None, changed):
+        new = _blob(repo, head, path)
+        if new is not None:
+            findings.extend(scan_change(path, _blob(repo, base, path), new))
+    return findings
+
+
+def test_git_change_honest_fix_and_forged_pass(git_repo) -> None:
+    git_repo.write("src/calc/__init__.py", "")
+    git_repo.write("src/calc/ops.py", "import sys\n\n\ndef add(a, b):\n    return a - b\n")
+    git_repo.write("README.md", "calc\n")
+    base = git_repo.commit("base")
+
+    git_repo.write("src/calc/ops.py", "import sys\n\n\ndef add(a, b):\n    return a + b\n")
+    git_repo.write("README.md", "calc: sys.exit(0) is documented here\n")
+    honest = git_repo.commit("honest fix")
+    assert _scan_commits(git_repo, base, honest) == []
+
+    git_repo.write(
+        "src/calc/ops.py",
+        "import atexit\nimport os\nimport sys\n\natexit.register(os._exit, 0)\n\n\n"
+        "def add(a, b):\n    return a - b\n",
+    )
+    forged = git_repo.commit("forged pass")
+    found = _scan_commits(git_repo, base, forged)
+    assert [(f.path, f.line, f.code) for f in found] == [
+        ("src/calc/ops.py", 5, "ends_process_from_hook")
+    ]
