@@ -360,6 +360,8 @@ def test_finding_names_file_line_and_reason() -> None:
         "import sys\ngetattr(sys, 'exit')(0)\n",
         "import os\nos.__dict__['_exit'](0)\n",
         "import os\nvars(os)['_exit'](0)\n",
+        "import os\nquit_now = os._exit\nquit_now(0)\n",
+        "import os\nsystem = os\nstop = system._exit\nstop(0)\n",
         "__import__('os')._exit(0)\n",
         "import importlib\nimportlib.import_module('os')._exit(0)\n",
     ],
@@ -376,6 +378,10 @@ def test_local_variable_named_like_a_module_is_not_the_module() -> None:
 
 def test_class_attribute_named___name___is_not_a_module_rename() -> None:
     assert codes(None, "class Ref:\n    __name__ = 'Ref'\n") == []
+
+
+def test_self_referencing_binding_does_not_loop() -> None:
+    assert codes(None, "a = b\nb = a\na.x()\nc = c.d\nc()\n") == []
 
 
 def test_alias_of_builtins_module() -> None:

@@ -241,6 +241,8 @@ class Module:
     # Nodes live as long as the scan, so their ids are stable keys.
     _resolved: dict[int, str | None] = field(default_factory=dict)
     callees: dict[str, list[str]] = field(default_factory=dict)  # local call graph
+    bound: dict[str, ast.AST] = field(default_factory=dict)  # `name = other.name` bindings
+    _resolving: set[str] = field(default_factory=set)
     is_main_script: bool = False  # a package's __main__.py: only ever run as a script
     body_scopes: dict[str, Scope] = field(default_factory=dict)
     script_scopes: list[Scope] = field(default_factory=list)
@@ -295,6 +297,16 @@ class Module:
                     parts.append("builtins")
                 elif base in _BUILTIN_NAMES or base in self.functions:
                     parts.append(base)
+                elif base in self.bound and base not in self._resolving:
+                    # `f = os._exit` then `f(0)`: follow the binding (once, no cycles).
+                    self._resolving.add(base)
+                    try:
+                        bound = self.resolve(self.bound[base])
+                    finally:
+                        self._resolving.discard(base)
+                    if bound is None:
+                        return None
+                    parts.append(bound)
                 else:
                     # A name bound by neither an import nor the builtins is a local
                     # variable (`builtins = [...]` in a lexer), not the module.
@@ -1266,6 +1278,11 @@ def _learn(module: Module, node: ast.AST, scope: Scope, docstrings: set[int]) ->
         docstrings.add(id(node.value))  # type: ignore[attr-defined]
     elif isinstance(node, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
         module.assignments.append(node)
+        value = getattr(node, "value", None)
+        if isinstance(node, ast.Assign) and isinstance(value, (ast.Name, ast.Attribute)):
+            for target in node.targets:
+                if isinstance(target, ast.Name):
+                    module.bound[target.id] = value
         if (
             scope.func is None
             and not scope.in_class
