@@ -361,6 +361,7 @@ def test_finding_names_file_line_and_reason() -> None:
         "import os\nos.__dict__['_exit'](0)\n",
         "import os\nvars(os)['_exit'](0)\n",
         "import os\nquit_now = os._exit\nquit_now(0)\n",
+        "import sys\nsys.modules['os']._exit(0)\n",
         "import os\nsystem = os\nstop = system._exit\nstop(0)\n",
         "__import__('os')._exit(0)\n",
         "import importlib\nimportlib.import_module('os')._exit(0)\n",

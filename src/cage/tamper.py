@@ -279,6 +279,13 @@ class Module:
                 parts.append(node.slice.value)  # type: ignore[attr-defined]
                 value = node.value
                 node = value.value if isinstance(value, ast.Attribute) else value.args[0]  # type: ignore[attr-defined]
+            elif (
+                isinstance(node, ast.Subscript)
+                and _is_str(node.slice)
+                and self.resolve(node.value) == "sys.modules"
+            ):
+                parts.append(node.slice.value)  # type: ignore[attr-defined]
+                break  # sys.modules["os"] is os
             elif isinstance(node, ast.Call) and _call_name_raw(node) == "getattr":
                 if len(node.args) < 2 or not _is_str(node.args[1]):
                     return None
