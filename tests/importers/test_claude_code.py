@@ -376,3 +376,25 @@ def test_counts_agree_with_the_pricing_normaliser(tmp_path):
             expected.cache_write_tokens,
             expected.cache_write_1h_tokens,
         )
+
+
+def test_two_process_import_gives_the_same_result(tmp_path, ledger_db, capsys, monkeypatch):
+    """Large imports parse in a forked reader: same counts, bad lines, state and dedup."""
+    import cage.importers.common as common
+
+    monkeypatch.setattr(common, "PIPELINE_MIN_BYTES", 0)
+    monkeypatch.setattr(common, "BATCH_SIZE", 3)  # several batches and checkpoints per file
+    lines = [claude_line(f"msg_{i}", f"req_{i}", output_tokens=i + 1) for i in range(10)]
+    lines.insert(4, claude_line("msg_2", "req_2", output_tokens=999))  # a larger copy, nearby
+    lines.insert(6, "{broken")
+    path = write_lines(project(tmp_path) / "s.jsonl", lines)
+    write_lines(project(tmp_path) / "t.jsonl", [claude_line("msg_t", "req_t")])
+    code, doc = run_import(capsys, str(tmp_path / "claude"))
+    assert code == 0
+    assert (doc["imported"], doc["duplicates"], doc["bad_lines"], doc["files"]) == (11, 1, 1, 2)
+    assert doc["errors"][0]["line"] == 7
+    rows = {r["request_id"]: r for r in ledger_rows(ledger_db)}
+    assert rows["claude-code:msg_2:req_2"]["output_tokens"] == 999
+    append_lines(path, [claude_line("msg_new", "req_new")])
+    code, doc = run_import(capsys, str(tmp_path / "claude"))
+    assert (doc["imported"], doc["files_unchanged"], doc["bad_lines"]) == (1, 1, 0)

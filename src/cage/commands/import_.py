@@ -75,7 +75,16 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from cage.errors import UsageError
-    from cage.importers.common import DedupWindow, ImportReport, Progress, StateStore, import_files
+    from cage.importers.common import (
+        PIPELINE_MIN_BYTES,
+        DedupWindow,
+        ImportReport,
+        Progress,
+        StateStore,
+        can_pipeline,
+        import_files,
+        import_files_pipelined,
+    )
     from cage.ledger import Ledger
 
     if not getattr(args, "source", None):
@@ -110,22 +119,42 @@ def run(args: argparse.Namespace) -> int:
                 files.append(path)
 
     ledger = Ledger.open(args.ledger)
-    state = StateStore(getattr(ledger, "path", None))
-    progress = Progress(_total_size(files), f"importing {args.source}")
+    state_path = getattr(ledger, "path", None)
+    state = StateStore(state_path)
+    total = _total_size(files)
+    window = DedupWindow() if args.source == "claude-code" else None
     try:
-        import_files(
-            importer.SOURCE,
-            files,
-            importer.FileParser,
-            _ledger_sink(ledger),
-            state,
-            report,
-            full=args.full,
-            window=DedupWindow() if args.source == "claude-code" else None,
-            progress=progress,
-        )
+        if total >= PIPELINE_MIN_BYTES and can_pipeline():
+            # Parsing and writing each take about half the time: one process each.
+            import_files_pipelined(
+                importer.SOURCE,
+                files,
+                importer.FileParser,
+                _ledger_sink(ledger),
+                state,
+                state_path,
+                report,
+                total_bytes=total,
+                full=args.full,
+                window=window,
+            )
+        else:
+            progress = Progress(total, f"importing {args.source}")
+            try:
+                import_files(
+                    importer.SOURCE,
+                    files,
+                    importer.FileParser,
+                    _ledger_sink(ledger),
+                    state,
+                    report,
+                    full=args.full,
+                    window=window,
+                    progress=progress,
+                )
+            finally:
+                progress.finish()
     finally:
-        progress.finish()
         state.close()
         ledger.close()
 

@@ -632,3 +632,165 @@ def _checkpoint(resume: FileState, position: tuple[int, int], parser: Any) -> Fi
         line,
         dict(parser.context),
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Two processes: one reads and parses, the other prices and writes
+
+
+# Below this many bytes to read, a second process costs more than it saves.
+PIPELINE_MIN_BYTES = 64 * 1024 * 1024
+
+
+def can_pipeline() -> bool:
+    """True where a forked reader process is available (Linux and other Unixes but macOS)."""
+    import multiprocessing
+
+    return sys.platform != "darwin" and "fork" in multiprocessing.get_all_start_methods()
+
+
+class _SendSink:
+    """In the reader process: a batch goes down the pipe instead of into the ledger."""
+
+    def __init__(self, conn: Any) -> None:
+        self.conn = conn
+
+    def __call__(self, batch: list[dict]) -> tuple[int, int]:
+        self.conn.send(("events", batch))
+        return 0, 0  # counted by the writer
+
+    def put_many(self, source: str, states: list[FileState]) -> None:
+        self.conn.send(("states", states))
+
+
+class _ReaderState:
+    """In the reader process: saved state is read from the file, and saving is sent on."""
+
+    def __init__(self, store: StateStore, sink: _SendSink) -> None:
+        self.store = store
+        self.sink = sink
+
+    def get(self, source: str, path: str) -> FileState | None:
+        return self.store.get(source, path)
+
+    def put_many(self, source: str, states: list[FileState]) -> None:
+        self.sink.put_many(source, states)
+
+
+def _reader_main(conn: Any, job: dict) -> None:
+    """The reader process: parse every file, send batches, then the report."""
+    try:
+        sink = _SendSink(conn)
+        store = StateStore(job["state_path"])
+        try:
+            report = ImportReport(source=job["report_source"])
+            progress = Progress(job["total_bytes"], job["label"])
+            importer = _Importer(
+                job["source"],
+                job["make_parser"],
+                sink,
+                _ReaderState(store, sink),  # type: ignore[arg-type]
+                report,
+                job["window"],
+                progress,
+            )
+            for path in job["files"]:
+                importer.run_file(path, job["full"])
+            importer.flush()
+            progress.finish()
+        finally:
+            store.close()
+        conn.send(("done", report))
+    except BaseException as exc:  # the writer re-raises it; nothing may die silently here
+        import traceback
+
+        conn.send(("error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
+    finally:
+        conn.close()
+
+
+def import_files_pipelined(
+    source: str,
+    files: list[Path],
+    make_parser: Any,
+    sink: Any,
+    state: StateStore,
+    state_path: str | os.PathLike | None,
+    report: ImportReport,
+    *,
+    total_bytes: int,
+    full: bool = False,
+    window: DedupWindow | None = None,
+) -> None:
+    """``import_files`` in two processes: a forked reader parses while this one writes.
+
+    Same results and the same guarantees: batches and file states travel in order down one
+    pipe, so a file's state is saved only after the events before it are written. The pipe
+    holds at most one batch in flight, so memory stays bounded.
+    """
+    import multiprocessing
+
+    # fork: the reader inherits the parser classes and file list without pickling them. It
+    # never touches the ledger's SQLite handle it inherits, and multiprocessing ends a forked
+    # child with os._exit, so that handle is never closed (or checkpointed) from the child.
+    ctx = multiprocessing.get_context("fork")
+    receiver, sender = ctx.Pipe(duplex=False)
+    job = {
+        "source": source,
+        "report_source": report.source,
+        "files": files,
+        "make_parser": make_parser,
+        "window": window,
+        "full": full,
+        "state_path": state_path,
+        "total_bytes": total_bytes,
+        "label": f"importing {report.source}",
+    }
+    reader = ctx.Process(target=_reader_main, args=(sender, job), daemon=True)
+    reader.start()
+    sender.close()
+    finished = False
+    try:
+        while True:
+            try:
+                kind, payload = receiver.recv()
+            except EOFError:
+                break
+            if kind == "events":
+                inserted, duplicates = sink(payload)
+                report.imported += inserted
+                report.duplicates += duplicates
+            elif kind == "states":
+                state.put_many(source, payload)
+            elif kind == "done":
+                _merge(report, payload)
+                finished = True
+            elif kind == "error":
+                from cage.errors import TranscriptError
+
+                raise TranscriptError(f"the transcript reader failed: {payload}")
+    finally:
+        receiver.close()
+        if reader.is_alive() and not finished:
+            reader.terminate()
+        reader.join()
+    if not finished:
+        from cage.errors import TranscriptError
+
+        raise TranscriptError(
+            f"the transcript reader stopped early (exit {reader.exitcode}); what was imported "
+            "so far is kept: run the import again to finish"
+        )
+
+
+def _merge(into: ImportReport, part: ImportReport) -> None:
+    into.duplicates += part.duplicates  # copies merged in the reader's window
+    into.bad_lines += part.bad_lines
+    into.skipped += part.skipped
+    into.pending += part.pending
+    into.files += part.files
+    into.files_unchanged += part.files_unchanged
+    into.bytes_read += part.bytes_read
+    room = MAX_LISTED_ERRORS - len(into.errors)
+    into.errors.extend(part.errors[: max(room, 0)])
+    into.failures.extend(part.failures)
