@@ -12,6 +12,7 @@ from cage.errors import PolicyError
 from cage.pathrules import (
     PROTECTED_RULES,
     command_file_candidates,
+    command_file_globs,
     in_scope,
     is_receipt_path,
     protected_reason,
@@ -372,6 +373,17 @@ def test_command_unbalanced_quotes_never_crash():
 def test_command_module_files():
     found = command_file_candidates("python -m tools.verify.run")
     assert {"tools/verify/run.py", "tools/__init__.py", "src/tools/verify/run.py"} <= found
+
+
+def test_command_globs_match_the_files_a_shell_would_expand():
+    globs = command_file_globs("python checks/*.py && ./run_[ab].sh data/?.json tests/x.py")
+    assert globs == ["checks/*.py", "data/?.json", "run_[ab].sh"]
+    assert in_scope("checks/verify.py", globs)
+    assert in_scope("run_a.sh", globs)
+    assert in_scope("data/1.json", globs)
+    assert not in_scope("checks/deep/verify.py", globs)
+    assert not in_scope("src/checks/verify.py", globs)
+    assert command_file_globs("pytest -q tests/test_ops.py") == []
 
 
 # -- the document -----------------------------------------------------------------------------

@@ -658,3 +658,14 @@ def rules_table_markdown() -> str:
         why = rule.why.replace("|", "\\|")
         lines.append(f"| `{rule.name}` | {patterns} | {why} |")
     return "\n".join(lines) + "\n"
+
+
+def command_file_globs(command: str) -> list[str]:
+    """The candidates of :func:`command_file_candidates` that a shell would expand as globs.
+
+    A command such as ``python checks/*.py`` names files through a glob, which no exact
+    lookup finds. Match changed paths against these with :func:`in_scope` (root-anchored
+    gitwildmatch: ``*`` stays within one directory, as in the shell; it also matches dot
+    files, which errs on the side of protecting).
+    """
+    return sorted(c for c in command_file_candidates(command) if not _GLOB_CHARS.isdisjoint(c))
