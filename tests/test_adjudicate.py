@@ -363,3 +363,19 @@ def test_passed_at_base_must_not_vanish_or_be_skipped_at_head():
     base = run(1, report(t__a="failed", t__b="passed", t__c="passed"))
     reasons, _ = adj.judge_command(base, run(0, report(t__a="passed", t__c="skipped")), "auto")
     assert sorted(codes(reasons)) == ["test_not_run", "test_skipped"]
+
+
+@pytest.mark.parametrize(
+    ("path", "name"),
+    [
+        ("argparse.py", "argparse"),
+        ("src/textwrap.py", "textwrap"),
+        ("lib/email/__init__.py", "email"),
+        ("src/calc/json.py", None),  # calc.json: inside a package, shadows nothing
+        ("calc/types.py", None),
+        ("src/calc.py", None),
+        ("src/argparse.txt", None),
+    ],
+)
+def test_added_top_level_module_named_like_the_stdlib(path, name):
+    assert adj._shadowed_stdlib(path) == name

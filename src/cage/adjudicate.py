@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import shlex
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -348,6 +349,35 @@ def _shadowed_module(path: str, names: Iterable[str]) -> str | None:
     return None
 
 
+# Directories that are commonly put on sys.path (src layout, PYTHONPATH=src/lib), besides the
+# repository root. A module added directly in one of them is importable under its bare name.
+SOURCE_ROOTS = ("", "src", "lib", "python", "source")
+
+
+def _stdlib_names() -> frozenset[str]:
+    names = getattr(sys, "stdlib_module_names", None)  # Python >= 3.10
+    return frozenset(names) if names else frozenset(sys.builtin_module_names)
+
+
+def _shadowed_stdlib(path: str) -> str | None:
+    """The standard-library module an added top-level module would shadow, if any.
+
+    Entries of PYTHONPATH (and the script directory) come before the standard library on
+    sys.path, so an added ``src/argparse.py`` runs inside pytest when pytest imports argparse.
+    """
+    if not path.endswith(".py"):
+        return None
+    parts = PurePosixPath(path).parts
+    rest = parts[1:] if len(parts) > 1 and parts[0] in SOURCE_ROOTS else parts
+    if len(rest) == 1:
+        name = rest[0][: -len(".py")]
+    elif len(rest) == 2 and rest[1] == "__init__.py":
+        name = rest[0]
+    else:
+        return None
+    return name if name in _stdlib_names() else None
+
+
 def _verifier_reason(
     path: str, protect: Sequence[str], command_files: set[str]
 ) -> tuple[str, str] | None:
@@ -409,6 +439,8 @@ def classify(
                 here.append(Finding(path, "scope", "out_of_scope", "outside verification.allow"))
             verifier = _verifier_reason(path, v.protect, command_files)
             shadow = _shadowed_module(path, modules) if change.status != "D" else None
+            if shadow is None and change.status == "A":
+                shadow = _shadowed_stdlib(path)
             if verifier is None and shadow is not None:
                 verifier = (
                     "shadows_test_module",
