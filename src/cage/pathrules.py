@@ -626,7 +626,8 @@ def command_file_candidates(command: str) -> set[str]:
     the path part of a pytest node id (``tests/test_x.py::test_y``), and the module files of
     ``python -m pkg.mod``. Leading ``./`` is dropped and paths are normalised; absolute paths
     and paths leaving the repository are dropped. Directories and names that are not files
-    are the caller's to filter (``Repo.existing_files`` at base). Globs are not expanded.
+    are the caller's to filter (``Repo.existing_files`` at base). Globs are kept as words;
+    :func:`command_file_globs` picks them out for matching.
     """
     found: set[str] = set()
     words = _split_command(command)
