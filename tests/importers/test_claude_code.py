@@ -398,3 +398,10 @@ def test_two_process_import_gives_the_same_result(tmp_path, ledger_db, capsys, m
     append_lines(path, [claude_line("msg_new", "req_new")])
     code, doc = run_import(capsys, str(tmp_path / "claude"))
     assert (doc["imported"], doc["files_unchanged"], doc["bad_lines"]) == (1, 1, 0)
+
+
+def test_a_config_folder_means_its_projects(tmp_path, ledger_db, capsys):
+    write_lines(project(tmp_path) / "s.jsonl", [claude_line("msg_a", "req_a")])
+    write_lines(tmp_path / "claude" / "history.jsonl", ['{"display": "not a transcript"}'])
+    code, doc = run_import(capsys, str(tmp_path / "claude"))
+    assert (code, doc["imported"], doc["files"]) == (0, 1, 1)

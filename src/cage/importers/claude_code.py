@@ -74,9 +74,13 @@ def default_roots(env: dict[str, str] | None = None) -> list[Path]:
 def find_files(root: Path, report: ImportReport) -> list[Path]:
     """Every ``*.jsonl`` under ``root``, main session files before subagent files.
 
+    A config folder (one holding ``projects/``, like ``~/.claude``) means its ``projects/``.
+
     Reading subagent (sidechain) files last means the ledger, which keeps the first copy of
     a response, normally keeps the main session's copy.
     """
+    if (root / "projects").is_dir():
+        root = root / "projects"  # a config folder given: only its transcripts
     files = iter_files(root, "*.jsonl", report)
     return sorted(files, key=lambda p: ("subagents" in p.parts, str(p)))
 

@@ -55,7 +55,12 @@ def default_roots(env: dict[str, str] | None = None) -> list[Path]:
 
 
 def find_files(root: Path, report: ImportReport) -> list[Path]:
-    """Every ``rollout-*.jsonl`` under ``root`` (a file given directly is taken as it is)."""
+    """Every ``rollout-*.jsonl`` under ``root`` (a file given directly is taken as it is).
+
+    A Codex home (one holding ``sessions/``, like ``~/.codex``) means its ``sessions/``.
+    """
+    if (root / "sessions").is_dir():
+        root = root / "sessions"
     return iter_files(root, "rollout-*.jsonl", report)
 
 

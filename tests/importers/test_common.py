@@ -1,0 +1,80 @@
+"""Shared import machinery: complete lines only, resume points, the dedup window, progress."""
+
+from __future__ import annotations
+
+import io
+
+from cage.importers.common import (
+    DedupWindow,
+    FileState,
+    Progress,
+    StateStore,
+    read_complete_lines,
+    resume_point,
+)
+
+
+def lines_of(data: bytes, start: int = 0) -> list[tuple[int, int, int, bytes]]:
+    handle = io.BytesIO(data)
+    handle.seek(start)
+    return list(read_complete_lines(handle, start, 0))
+
+
+def test_unfinished_tail_is_not_yielded_but_a_complete_object_is():
+    assert [r[3] for r in lines_of(b'{"a":1}\n{"b":')] == [b'{"a":1}\n']
+    assert [r[3] for r in lines_of(b'{"a":1}\n{"b":2}')] == [b'{"a":1}\n', b'{"b":2}']
+    # Offsets and line numbers resume exactly where the previous read stopped.
+    assert lines_of(b'{"a":1}\n{"b":2}\n', start=8) == [(1, 8, 16, b'{"b":2}\n')]
+
+
+def test_resume_point_rules():
+    saved = FileState("/x", inode=5, size=100, mtime=1.0, offset=100, line=3)
+    assert resume_point(saved, 5, 100, 1.0) is None  # unchanged
+    grown = resume_point(saved, 5, 150, 2.0)
+    assert (grown.offset, grown.line) == (100, 3)
+    assert resume_point(saved, 6, 150, 2.0).offset == 0  # replaced: another inode
+    assert resume_point(saved, 5, 50, 2.0).offset == 0  # truncated
+    assert resume_point(None, 5, 50, 2.0).offset == 0
+
+
+def test_state_store_round_trip(tmp_path):
+    store = StateStore(tmp_path / "ledger.db")
+    store.put_many("codex", [FileState("/f", 1, 10, 2.5, 10, 2, {"model": "gpt-5"})])
+    store.close()
+    again = StateStore(tmp_path / "ledger.db")
+    got = again.get("codex", "/f")
+    assert (got.offset, got.line, got.context) == (10, 2, {"model": "gpt-5"})
+    assert again.get("claude-code", "/f") is None
+    again.close()
+
+
+def test_dedup_window_keeps_best_and_bounds_memory():
+    window = DedupWindow(size=2)
+    assert window.offer("a", (True, 5), "a5", 0, 1) == []
+    assert window.offer("a", (True, 9), "a9", 10, 2) == []
+    assert window.offer("a", (False, 99), "a-side", 20, 3) == []  # a sidechain copy loses
+    assert window.offer("b", (True, 1), "b1", 30, 4) == []
+    assert window.oldest_position() == (0, 0)
+    assert window.offer("c", (True, 1), "c1", 40, 5) == ["a9"]  # pushed out, oldest first
+    assert window.drain() == ["b1", "c1"]
+    assert window.merged == 2
+    assert window.oldest_position() is None
+
+
+class _Tty(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_only_on_a_terminal_and_cleared_at_the_end():
+    quiet = io.StringIO()
+    progress = Progress(Progress.MIN_BYTES * 2, "importing", stream=quiet)
+    progress.advance(Progress.MIN_BYTES)
+    progress.finish()
+    assert quiet.getvalue() == ""
+    tty = _Tty()
+    progress = Progress(Progress.MIN_BYTES * 2, "importing", stream=tty)
+    progress.advance(Progress.MIN_BYTES)
+    progress.finish()
+    assert "\rimporting:  50.0%" in tty.getvalue()
+    assert tty.getvalue().endswith("\r\033[K")
