@@ -111,6 +111,7 @@ def start_cage(upstream: str, workdir: Path) -> Target:
             upstream,
         ],
         stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
         text=True,
         env=env,
     )

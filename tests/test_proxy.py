@@ -652,3 +652,30 @@ def test_cli_serves_until_interrupted(tmp_path):
     assert out == ""  # one JSON document, nothing else on stdout
     assert "stopped after 1 calls" in err and "Traceback" not in err
     assert len(events_of(tmp_path / "cli.db", "m-cli")) == 1
+
+
+def test_unknown_model_is_reserved_and_charged_at_the_dearest_prices(upstream, ledger_path):
+    body = chat(model="mystery-model-9000", max_tokens=100)
+    # At gpt-4o-mini prices this call would fit in $0.05 many times; at the fallback
+    # (the provider's dearest per-token prices) its worst case does not.
+    with start_proxy_in_thread(
+        mission_id="m-unknown",
+        budget_usd=0.05,
+        ledger_path=str(ledger_path),
+        upstream_openai=upstream.url,
+        upstream_anthropic=upstream.url,
+    ) as running:
+        assert call(running.url, "/v1/chat/completions", body)[0] == 429
+    with start_proxy_in_thread(
+        mission_id="m-unknown",
+        budget_usd=1.0,
+        ledger_path=str(ledger_path),
+        upstream_openai=upstream.url,
+        upstream_anthropic=upstream.url,
+    ) as running:
+        assert call(running.url, "/v1/chat/completions", body)[0] == 200
+        running.flush()
+        spend = running.spend()
+    (event,) = events_of(ledger_path, "m-unknown")
+    assert event.cost_usd is None and event.truth == "measured"  # unpriced, never a silent 0
+    assert spend["unpriced"] == 1 and spend["settled_usd"] > 0

@@ -872,6 +872,11 @@ class MeteringProxy:
                 body = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
                 hide_usage = True
 
+        if self.guard.cap_usd is not None and (api.provider, model) not in _rates_cache:
+            # First call for this model: the price lookup (for an unknown model, a scan of
+            # the whole table) runs off the event loop.
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(None, model_rates, api.provider, model)
         reserve = self._worst_case(api, model, payload, len(body))
         refusal = self.guard.reserve(reserve)
         if refusal is not None:
@@ -1129,7 +1134,13 @@ class MeteringProxy:
         if cost is None:
             priced = price(provider, call.model, usage, call.when)
             cost = None if priced is None else float(priced)
-        cap_cost = cost if cost is not None else fallback_rates(provider).cost(usage)
+        if cost is not None:
+            cap_cost = cost
+        elif self.guard is not None and self.guard.cap_usd is not None:
+            # Unpriced: charged to the cap at the fallback prices (cached by the reservation).
+            cap_cost = fallback_rates(provider).cost(usage)
+        else:
+            cap_cost = 0.0
         extra: dict[str, Any] = {"api": call.api.name, "stream": call.stream}
         if call.status is not None:
             extra["status"] = call.status
