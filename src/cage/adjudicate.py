@@ -12,6 +12,7 @@ is not in the table is treated as an integrity failure (``BLOCKED``), never igno
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shlex
 import shutil
@@ -1087,18 +1088,14 @@ def _replay(
             verification["base"] = _side_dict(base_side)
             if _worth_running_head(base_side, v.evidence):
                 clock = time.monotonic()
-                worktree.switch(head)
-                restored = verification["restored_paths"]
-                if restored:
-                    # guard: off: freeze the verifier by putting base's version back.
-                    worktree.restore_paths_from(base, restored)
+                _switch_and_freeze(worktree, head, base, verification["restored_paths"])
                 timings["switch_s"] = time.monotonic() - clock
                 _say(
                     progress,
                     f"replaying at head {head[:12]}: {steps} (timeout {v.timeout_seconds:g}s each)",
                 )
                 clock = time.monotonic()
-                head_side = replay.run_side("head", worktree.path, v, Path(log_dir))
+                head_side = _run_head(replay, worktree, head, base, v, verification, log_dir)
                 timings["replay_head_s"] = time.monotonic() - clock
                 verification["head"] = _side_dict(head_side)
             else:
@@ -1114,6 +1111,50 @@ def _replay(
     finally:
         shutil.rmtree(log_dir, ignore_errors=True)
     return judge_replay(base_side, head_side, v)
+
+
+def _switch_and_freeze(worktree: Any, head: str, base: str, restored: list[str]) -> None:
+    """Check out head cleanly; under guard: off, put base's verifier back."""
+    worktree.switch(head)
+    if restored:
+        worktree.restore_paths_from(base, restored)
+
+
+def _run_head(
+    replay: Any,
+    worktree: Any,
+    head: str,
+    base: str,
+    v: Any,
+    verification: dict[str, Any],
+    log_dir: str,
+) -> Any:
+    """Setup and command at head; then the regression in a worktree reset to head.
+
+    Head code runs during the command: it could leave files in the worktree (a conftest.py,
+    a forged ``__pycache__`` entry) that steer the regression run. So before the regression
+    the worktree is checked out and cleaned again (``git clean -ffdx``) and setup re-run.
+    """
+    if not v.regression:
+        return replay.run_side("head", worktree.path, v, Path(log_dir))
+    side = replay.run_side(
+        "head", worktree.path, dataclasses.replace(v, regression=None), Path(log_dir)
+    )
+    if side.command is None:  # setup failed: judged as such
+        return side
+    _switch_and_freeze(worktree, head, base, verification["restored_paths"])
+    timeout = float(v.timeout_seconds)
+    if v.setup:
+        again = replay.run_command(
+            "setup", v.setup, worktree.path, timeout, Path(log_dir) / "head-reset"
+        )
+        if not again.succeeded:
+            side.setup = again  # judged as a setup failure at head
+            return side
+    side.regression = replay.run_command(
+        "regression", v.regression, worktree.path, timeout, Path(log_dir) / "head"
+    )
+    return side
 
 
 def _worth_running_head(base_side: Any, evidence: str) -> bool:

@@ -20,6 +20,7 @@ from cage.cli import main
 from tests.commands.ci_repo import (
     COMMAND,
     OPS_FIXED,
+    REGRESSION,
     adjudicate,
     build_template,
     codes,
@@ -452,3 +453,31 @@ def test_failed_output_is_shown_fenced_against_workflow_commands(project, capsys
     assert not any(line.lstrip().startswith("::") for line in outside)
     assert not any("\033" in line for line in lines)
     assert any("1 failed" in line or "assert" in line for line in lines[start:end])
+
+
+FORGING_CONFTEST = """
+import pytest
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    outcome.get_result().outcome = "passed"
+"""
+
+
+def test_head_command_run_cannot_plant_files_for_the_regression_run(project, capsys):
+    """Head code writes tests/conftest.py during the command; the regression must not load it."""
+    project.set_policy(regression=REGRESSION)
+    _with_exec_channel(project)
+    hook = (
+        "def add(a, b):\n    return a + b\n\n\n"
+        "def mul(a, b):\n    return a + b\n\n\n"  # breaks test_mul
+        "import pathlib\n"
+        f"pathlib.Path('tests/conftest.py').write_text({FORGING_CONFTEST!r})\n"
+    )
+    project.write("src/calc/hook.txt", hook)
+    code, doc, _ = adjudicate(capsys, project, project.commit("fix add, break mul, plant conftest"))
+    assert code == 1, doc["reasons"]
+    assert "regression_failed" in codes(doc)
+    assert any("test_mul" in r["message"] for r in doc["reasons"])
