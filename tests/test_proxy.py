@@ -698,3 +698,14 @@ def test_unknown_model_is_reserved_and_charged_at_the_dearest_prices(upstream, l
     (event,) = events_of(ledger_path, "m-unknown")
     assert event.cost_usd is None and event.truth == "measured"  # unpriced, never a silent 0
     assert spend["unpriced"] == 1 and spend["settled_usd"] > 0
+
+
+def test_cli_without_aiohttp_says_how_to_install_it():
+    code = (
+        "import sys; sys.modules['aiohttp'] = None; from cage.cli import main;"
+        "sys.exit(main(['proxy', '--mock']))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 1
+    assert "pip install 'cage-gate[proxy]'" in done.stderr
+    assert "Traceback" not in done.stderr
