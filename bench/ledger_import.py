@@ -203,6 +203,19 @@ def generate_tree(root: Path, lines: int, seed: int = 7) -> dict:
 # Measuring
 
 
+# CPU seconds (user + system, the child and what it waited for) of each measured run: on a
+# shared machine wall time depends on the load, CPU time much less.
+CPU_SECONDS: dict[int, float] = {}
+
+
+PEER_CPU: list[float] = []
+
+
+def cpu(done: subprocess.CompletedProcess) -> float:
+    """CPU seconds of a run returned by ``measure``."""
+    return CPU_SECONDS.get(id(done), 0.0)
+
+
 def measure(cmd: list[str], env: dict[str, str]) -> tuple[float, int, subprocess.CompletedProcess]:
     """Run ``cmd``; (wall seconds, peak RSS bytes, result).
 
@@ -234,10 +247,11 @@ def measure(cmd: list[str], env: dict[str, str]) -> tuple[float, int, subprocess
     done = subprocess.CompletedProcess(
         cmd, proc.returncode, b"".join(chunks["out"]).decode(), b"".join(chunks["err"]).decode()
     )
+    CPU_SECONDS[id(done)] = usage.ru_utime + usage.ru_stime
     return wall, usage.ru_maxrss * 1024, done
 
 
-def cage_totals(ledger: Path, env: dict[str, str]) -> tuple[dict, float, int, str]:
+def cage_totals(ledger: Path, env: dict[str, str]) -> tuple[dict, float, int, str, float]:
     """Per-model totals from `cage report --by model --json` (or the Ledger API as fallback)."""
     cmd = [
         sys.executable,
@@ -251,6 +265,7 @@ def cage_totals(ledger: Path, env: dict[str, str]) -> tuple[dict, float, int, st
         str(ledger),
     ]
     wall, peak, done = measure(cmd, env)
+    cpu_r = cpu(done)
     how = "cage report --by model --json"
     rows = None
     if done.returncode == 0:
@@ -279,7 +294,7 @@ def cage_totals(ledger: Path, env: dict[str, str]) -> tuple[dict, float, int, st
             "cache_read": int(tokens.get("cache_read_tokens", tokens.get("cache_read", 0))),
             "cost": float(row.get("cost_usd") or 0.0),
         }
-    return totals, wall, peak, how
+    return totals, wall, peak, how, cpu_r
 
 
 def peer_totals(tree: Path, workdir: Path) -> tuple[dict | None, float, int, str]:
@@ -327,7 +342,9 @@ def peer_totals(tree: Path, workdir: Path) -> tuple[dict | None, float, int, str
             t["cache_write"] += int(item.get("cacheCreationTokens", 0))
             t["cache_read"] += int(item.get("cacheReadTokens", 0))
             t["cost"] += float(item.get("cost", 0.0))
-    return dict(totals), wall, peak, "ccusage " + PEER_PACKAGE.split("@")[1]
+    PEER_CPU.append(cpu(done))
+    note = f"ccusage {PEER_PACKAGE.split('@')[1]} (cpu {cpu(done):.2f} s)"
+    return dict(totals), wall, peak, note
 
 
 def mib(n: int) -> str:
@@ -374,9 +391,9 @@ def main() -> int:
             print(f"cage import failed (exit {first.returncode}):\n{first.stderr}")
             return 1
         doc1 = json.loads(first.stdout)
-        totals, wall_r, peak_r, how = cage_totals(ledger, env)
+        totals, wall_r, peak_r, how, cpu_r = cage_totals(ledger, env)
         print(
-            f"cage import (first):  {wall1:7.2f} s  peak {mib(peak1)}  "
+            f"cage import (first):  {wall1:7.2f} s  (cpu {cpu(first):6.2f} s)  peak {mib(peak1)}  "
             f"imported {doc1['imported']:,}, duplicates {doc1['duplicates']:,}, "
             + f"bad lines {doc1['bad_lines']}"
         )
@@ -384,11 +401,12 @@ def main() -> int:
         wall2, peak2, second = measure(cmd, env)
         doc2 = json.loads(second.stdout) if second.returncode == 0 else {}
         print(
-            f"cage import (second): {wall2:7.2f} s  peak {mib(peak2)}  "
+            f"cage import (second): {wall2:7.2f} s  (cpu {cpu(second):6.2f} s)  peak {mib(peak2)}  "
             f"imported {doc2.get('imported')}, "
             + f"unchanged files {doc2.get('files_unchanged')}/{doc2.get('files')}"
         )
         ours = wall1 + wall_r
+        ours_cpu = cpu(first) + cpu_r
 
         if args.no_peer:
             print("peer unavailable: skipped (--no-peer)")
@@ -425,6 +443,8 @@ def main() -> int:
             f"time ratio cage (import + report) / ccusage: {ours / wall_p:.2f}x; "
             f"second (incremental) import / ccusage: {wall2 / wall_p:.3f}x"
         )
+        if PEER_CPU and PEER_CPU[0] > 0:
+            print(f"cpu ratio cage (import + report) / ccusage: {ours_cpu / PEER_CPU[0]:.2f}x")
         return 0 if ok else 1
     finally:
         if not args.keep:
