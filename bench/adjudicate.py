@@ -32,11 +32,11 @@ mission:
 budget:
   mission_hard_limit_usd: 5
 verification:
-  command: "test -f src/fixed"
+  command: "grep -rqs CAGE_BENCH_FIXED src"
   evidence: exit-code
   allow: ["src/**"]
 """
-VERIFY = "test -f src/fixed"
+VERIFY = "grep -rqs CAGE_BENCH_FIXED src"
 GIT_ENV = {
     **os.environ,
     "GIT_CONFIG_GLOBAL": os.devnull,
@@ -66,21 +66,22 @@ def build_repo(root: Path, files: int) -> tuple[Path, str]:
         d = repo / "src" / f"pkg{i // per_dir:03d}"
         if i % per_dir == 0:
             d.mkdir(parents=True)
-        (d / f"mod{i % per_dir:03d}.py").write_text(f"VALUE_{i} = {i}\n\n\ndef f{i}(x):\n    return x + {i}\n")
+        (d / f"mod{i % per_dir:03d}.py").write_text(
+            f"VALUE_{i} = {i}\n\n\ndef f{i}(x):\n    return x + {i}\n"
+        )
     git(repo, "add", "-A")
     git(repo, "commit", "-q", "-m", "base")
     return repo, git(repo, "rev-parse", "HEAD").decode().strip()
 
 
 def make_head(repo: Path, base: str, changes: int) -> str:
-    """A head commit on its own branch changing `changes` files (one of them adds src/fixed)."""
+    """A head commit changing `changes` files; the first one carries the fix the command greps for."""
     git(repo, "checkout", "-q", "--detach", base)
     listed = git(repo, "ls-files", "-z", "src").split(b"\0")
-    paths = [p.decode() for p in listed if p][: changes - 1]
-    for rel in paths:
+    paths = [p.decode() for p in listed if p][:changes]
+    for i, rel in enumerate(paths):
         with open(repo / rel, "a") as fh:
-            fh.write("# changed by the bench\n")
-    (repo / "src" / "fixed").write_text("fixed\n")
+            fh.write("# CAGE_BENCH_FIXED\n" if i == 0 else "# changed by the bench\n")
     git(repo, "add", "-A")
     git(repo, "commit", "-q", "-m", f"head with {changes} changes")
     return git(repo, "rev-parse", "HEAD").decode().strip()
@@ -94,10 +95,10 @@ def floor(repo: Path, base: str, head: str) -> float:
     shas = [f.split()[3] for f in fields[0::2] if f.startswith(b":")]
     git(repo, "cat-file", "--batch", input=b"".join(s + b"\n" for s in shas))
     wt = Path(tempfile.gettempdir()) / f"cage-bench-floor-{uuid.uuid4().hex}"
-    git(repo, "worktree", "add", "--detach", "--quiet", str(wt), base)
+    git(repo, "-c", "checkout.workers=0", "worktree", "add", "--detach", "--quiet", str(wt), base)
     try:
         base_rc = subprocess.run(["sh", "-c", VERIFY], cwd=wt, check=False).returncode
-        git(wt, "checkout", "--quiet", "--detach", "--force", head)
+        git(wt, "-c", "checkout.workers=0", "checkout", "--quiet", "--detach", "--force", head)
         git(wt, "clean", "-ffdxq")
         head_rc = subprocess.run(["sh", "-c", VERIFY], cwd=wt, check=False).returncode
     finally:
@@ -110,7 +111,19 @@ def cage_run(repo: Path, base: str, head: str) -> float:
     """Wall time of `cage ci --mode adjudicate`; the verdict must be PASS."""
     start = time.perf_counter()
     done = subprocess.run(
-        [sys.executable, "-m", "cage", "ci", "--mode", "adjudicate", "--base", base, "--head", head, "--json"],
+        [
+            sys.executable,
+            "-m",
+            "cage",
+            "ci",
+            "--mode",
+            "adjudicate",
+            "--base",
+            base,
+            "--head",
+            head,
+            "--json",
+        ],
         cwd=repo,
         env=GIT_ENV,
         capture_output=True,
@@ -118,12 +131,16 @@ def cage_run(repo: Path, base: str, head: str) -> float:
     )
     elapsed = time.perf_counter() - start
     if done.returncode != 0:
-        sys.exit(f"cage did not PASS (exit {done.returncode}):\n{done.stdout.decode()}\n{done.stderr.decode()}")
+        sys.exit(
+            f"cage did not PASS (exit {done.returncode}):\n{done.stdout.decode()}\n{done.stderr.decode()}"
+        )
     return elapsed
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--files", type=int, default=20_000)
     parser.add_argument("--changes", default="1,100,1000", help="comma-separated K values")
     parser.add_argument("--repeat", type=int, default=5)
@@ -142,7 +159,9 @@ def main() -> None:
                 cages.append(cage_run(repo, base, head))
             f, c = statistics.median(floors), statistics.median(cages)
             worst = max(worst, c / f)
-            print(f"K={k}: floor {f * 1000:.0f} ms, cage {c * 1000:.0f} ms, ratio {c / f:.2f}x (target <= 1.25x)")
+            print(
+                f"K={k}: floor {f * 1000:.0f} ms, cage {c * 1000:.0f} ms, ratio {c / f:.2f}x (target <= 1.25x)"
+            )
         print(f"worst ratio: {worst:.2f}x {'OK' if worst <= 1.25 else 'OVER BUDGET'}")
     finally:
         shutil.rmtree(root, ignore_errors=True)
