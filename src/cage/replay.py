@@ -56,7 +56,7 @@ import threading
 import time
 import xml.etree.ElementTree as ET
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -395,24 +395,52 @@ def _prepare_cage_process() -> bool:
     return _subreaper
 
 
-@contextlib.contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """While a command runs, SIGTERM (a cancelled CI job) is handled like Ctrl-C, so the
-    process tree and the worktree are still cleaned up. Signal handlers can only be set in
-    the main thread; elsewhere this does nothing."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
+class _Interrupts:
+    """SIGINT and SIGTERM while a command runs. SIGTERM (a cancelled CI job) is handled like
+    Ctrl-C, so the process tree and the worktree are still cleaned up. Either one is raised
+    as KeyboardInterrupt only while armed, that is where the cleanup handler is in place; one
+    arriving while the command is being started or cleaned up is held and raised when the
+    ``with`` block ends (a signal inside ``Popen`` would leave the started tree to no one).
+    Handlers can only be set in the main thread; elsewhere this does nothing. A signal the
+    process ignores stays ignored."""
 
-    def interrupt(signum: int, frame: object) -> None:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second TERM must not cut cleanup
-        raise KeyboardInterrupt
+    def __init__(self) -> None:
+        self.armed = False
+        self.pending = False
+        self._previous: dict[int, Any] = {}
 
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+    def __enter__(self) -> _Interrupts:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                previous = signal.getsignal(sig)
+                if previous is not signal.SIG_IGN:
+                    self._previous[sig] = previous
+                    signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.armed:
+            self.armed = False  # one interrupt: more during the cleanup are held
+            raise KeyboardInterrupt
+        self.pending = True
+
+    def arm(self) -> None:
+        """From here on an interrupt is raised at once (a held one too)."""
+        if self.pending:
+            self.pending = False
+            raise KeyboardInterrupt
+        self.armed = True
+
+    def disarm(self) -> None:
+        """From here on interrupts are held until the block ends."""
+        self.armed = False
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        self.armed = False
+        for sig, previous in self._previous.items():
+            signal.signal(sig, signal.SIG_DFL if previous is None else previous)
+        if self.pending and exc_type is None:
+            raise KeyboardInterrupt
 
 
 def _identity(proc: psutil.Process) -> tuple[int, float] | None:
@@ -698,12 +726,14 @@ def run_command(
     env = scrubbed_env()
     env["PYTEST_ADDOPTS"] = _pytest_addopts(report_path, cache_dir)
 
-    with _run_lock, _sigterm_as_interrupt():
+    with _run_lock, _Interrupts() as interrupts:
         _prepare_cage_process()
         runner_files = _snapshot_runner_files()
         known_children = {
             ident for ident in map(_identity, psutil.Process().children()) if ident is not None
         }
+        interrupts.arm()  # an interrupt held so far: raise it before anything starts
+        interrupts.disarm()
         started = time.monotonic()
         with open(stdout_path, "wb") as out, open(stderr_path, "wb") as err:
             try:
@@ -723,14 +753,17 @@ def run_command(
                 ) from None
         timed_out = False
         try:
+            interrupts.arm()
             exited = _wait_for_exit(shell, timeout_s)
             if exited:
                 leftovers = _kill_everything(shell, known_children)
             else:
                 timed_out = True
                 leftovers = _terminate_then_kill(shell, known_children)
+            interrupts.disarm()
         except BaseException:
             # Ctrl-C (or any error) while waiting: nothing the command started may outlive us.
+            interrupts.disarm()
             _kill_everything(shell, known_children)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 shell.wait(timeout=KILL_DEADLINE_S)
