@@ -18,6 +18,7 @@ the reason, never by its content.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -701,12 +702,16 @@ def _reader_main(conn: Any, job: dict) -> None:
         finally:
             store.close()
         conn.send(("done", report))
+    except KeyboardInterrupt:
+        pass  # Ctrl-C reaches both processes; the writer reports it
     except BaseException as exc:  # the writer re-raises it; nothing may die silently here
         import traceback
 
-        conn.send(("error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
+        with contextlib.suppress(OSError, ValueError):  # the writer may be gone already
+            conn.send(("error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
     finally:
-        conn.close()
+        with contextlib.suppress(OSError):
+            conn.close()
 
 
 def import_files_pipelined(
