@@ -35,6 +35,15 @@ Trust notes (see also docs/trust-model.md):
   ``systemd-run``) are not its descendants and are out of cleanup's reach.
 - pytest's cache goes to a fresh folder next to the report (``-o cache_dir``), not into
   the worktree, so no state of an earlier run (``--lf``) carries over.
+- The runner's file commands (``GITHUB_OUTPUT``, ``GITHUB_STEP_SUMMARY``, ``GITHUB_ENV``,
+  ``GITHUB_PATH``, ``GITHUB_STATE``) are scrubbed from the environment, but the files sit
+  in a predictable folder, so each is snapshotted before the command and put back after
+  it; ``CommandResult.runner_files_restored`` names those the command changed.
+- A credential-like variable a test needs (``DJANGO_SECRET_KEY``) is scrubbed too: set it
+  in the verify command itself (``DJANGO_SECRET_KEY=test python -m pytest``), where the
+  policy shows it. A missing variable fails at base and head alike, never a false PASS.
+- SIGTERM (a cancelled job) is handled like Ctrl-C while a command runs; an interrupt that
+  arrives while the command is being started is held until cleanup can run.
 - ``run_command`` calls are serialised by a lock: cleanup finds the command's escaped
   processes among cage's new children, which needs one command at a time per process.
 """
