@@ -47,9 +47,10 @@ def test_json_output_is_one_document_and_ledger_flag_is_used(tmp_path: Path):
     done = cage(
         "import", "claude-code", str(tmp_path / "claude"), "--ledger", str(ledger), "--json"
     )
-    assert done.returncode == 0, done.stderr
+    assert done.returncode == 1  # a bad line: reported, the rest imported
     doc = json.loads(done.stdout)
     assert (doc["imported"], doc["bad_lines"], doc["ledger"]) == (1, 1, str(ledger))
+    assert done.stderr.startswith("cage: 1 bad line")
     assert doc["errors"][0]["line"] == 2
     assert ledger.exists()
 

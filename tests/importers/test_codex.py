@@ -175,7 +175,7 @@ def test_bad_lines_named_and_skipped(tmp_path, ledger_db, capsys):
         ],
     )
     code, doc = run_import(capsys, str(tmp_path / "sessions"))
-    assert (code, doc["imported"], doc["bad_lines"]) == (0, 1, 2)
+    assert (code, doc["imported"], doc["bad_lines"]) == (1, 1, 2)
     assert [(e["file"], e["line"]) for e in doc["errors"]] == [(str(path), 3), (str(path), 4)]
     assert "total_token_usage.input_tokens = -1 is negative" in doc["errors"][1]["message"]
 

@@ -78,7 +78,7 @@ def test_bad_lines(tmp_path, ledger_db, capsys):
         ],
     )
     code, doc = run_import(capsys, str(path))
-    assert (code, doc["imported"], doc["bad_lines"]) == (0, 1, 5)
+    assert (code, doc["imported"], doc["bad_lines"]) == (1, 1, 5)
     assert [e["line"] for e in doc["errors"]] == [1, 2, 3, 4, 5]
     assert "provider is missing" in doc["errors"][2]["message"]
 

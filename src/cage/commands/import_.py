@@ -1,8 +1,9 @@
 """`cage import claude-code|codex|jsonl [PATH ...]`: transcripts and logs -> the spend ledger.
 
-Translation only: the formats live in ``cage.importers``. Exit 0 when every file could be
-read (bad lines are reported and counted, never fatal); 1 when a path given or found could
-not be read at all, or when no input exists where the defaults point.
+Translation only: the formats live in ``cage.importers``. A bad line never stops an import:
+everything readable is imported first. The exit status is 0 when every line and file could
+be read; 1 when a line was bad, a path given or found could not be read, or no input exists
+where the defaults point (DESIGN.md: every bad input gives a non-zero exit).
 """
 
 from __future__ import annotations
@@ -165,12 +166,18 @@ def run(args: argparse.Namespace) -> int:
     else:
         for line in report.text_lines():
             print(line)
-    if report.failures:
-        if args.json:
-            for failure in report.failures:
-                print(f"cage: {failure}", file=sys.stderr)
-        return 1
-    return 0
+    # DESIGN.md: every bad input gives a non-zero exit. Everything readable is imported
+    # first; bad lines are consumed, so the next import (of new lines) is clean again.
+    if args.json:
+        for failure in report.failures:
+            print(f"cage: {failure}", file=sys.stderr)
+    if report.bad_lines:
+        print(
+            f"cage: {report.bad_lines} bad line(s) skipped (listed in the report above); "
+            "the rest was imported",
+            file=sys.stderr,
+        )
+    return 1 if report.failures or report.bad_lines else 0
 
 
 def _total_size(files: list) -> int:
