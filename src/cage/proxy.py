@@ -574,6 +574,11 @@ class StreamMeter:
 
     def on_event(self, raw: bytes) -> bool:
         """Meter one raw event; True when it is to be forwarded."""
+        if self.response_id is not None and _is_text_delta(self.api.name, raw):
+            # Most events of a stream are text deltas: measured by a regex over the raw
+            # bytes, not parsed, to keep the proxy's CPU per call low.
+            self.text_chars += sum(len(m) for m in _TEXT_FIELD.findall(raw))
+            return True
         _name, data = parse_sse_event(raw)
         if data is None or data == b"[DONE]":
             return True
@@ -655,6 +660,23 @@ class StreamMeter:
                 self.final = True
         elif kind == "error":
             self.error = True
+
+
+# JSON string fields that carry generated text in the three APIs' stream deltas.
+_TEXT_FIELD = re.compile(
+    rb'"(?:content|text|arguments|partial_json|thinking|delta|reasoning_content|refusal)"'
+    rb'\s*:\s*"((?:[^"\\]|\\.)*)"'
+)
+_USAGE_OBJECT = re.compile(rb'"usage"\s*:\s*\{')
+
+
+def _is_text_delta(api: str, raw: bytes) -> bool:
+    """True for an event that can only carry text (no usage, id, model or error)."""
+    if api == "chat":
+        return _USAGE_OBJECT.search(raw) is None and b'"error"' not in raw
+    if api == "messages":
+        return b'"type":"content_block_delta"' in raw or b'"type": "content_block_delta"' in raw
+    return b'.delta","' in raw or b'.delta", "' in raw
 
 
 def _str_or_none(value: Any) -> str | None:
