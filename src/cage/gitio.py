@@ -409,6 +409,15 @@ class Repo:
                 return entry
         return None
 
+    def list_tree(self, commit: str) -> list[TreeEntry]:
+        """Every blob and gitlink of ``commit``, recursively: one ``git ls-tree -r`` call."""
+        _check_rev(commit)
+        out = self._run(
+            ["ls-tree", "-r", "-z", "--full-tree", "--end-of-options", commit],
+            what=f"listing the tree of {commit}",
+        )
+        return parse_ls_tree(out)
+
     def read_file_at(self, commit: str, path: str) -> bytes | None:
         """Bytes of the regular file ``path`` at ``commit``; None when absent or not a file.
 
