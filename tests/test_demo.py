@@ -66,7 +66,7 @@ def test_reset_restores_base_and_keeps_receipts(demo_repo):
     receipt.parent.mkdir(parents=True)
     receipt.write_text("{}")
     repository.reset_repository(repo, base)
-    assert repository.git(repo, "status", "--porcelain") == ""
+    assert repository.git(repo, "status", "--porcelain") == "?? .runcap/outcomes/\n"
     assert repository.BUGGY_LINE in (repo / repository.OPS_PATH).read_text()
     assert not (repo / "src" / "new.py").exists()
     assert receipt.exists()

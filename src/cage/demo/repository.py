@@ -73,8 +73,6 @@ Issue 1: `add(2, 3)` returns `-1`. `add()` in `src/calc/ops.py` subtracts.
 
 GITIGNORE = """__pycache__/
 .pytest_cache/
-# Receipts of the demo's missions stay out of the later missions' snapshots.
-.runcap/outcomes/
 """
 
 # The product code, committed first; the policy is committed on top as its own commit.
@@ -87,6 +85,7 @@ PRODUCT_FILES: dict[str, str] = {
 }
 
 POLICY_PATH = ".runcap/mission.yaml"
+OUTCOMES_DIR = ".runcap/outcomes"
 OPS_PATH = "src/calc/ops.py"
 TEST_PATH = "tests/test_ops.py"
 
@@ -188,7 +187,8 @@ def create_repository(repo: Path, command: str, evidence: str) -> str:
 
 
 def reset_repository(repo: Path, base: str) -> None:
-    """Put ``repo`` back at ``base``: branch, index and files; receipts (ignored) stay."""
+    """Put ``repo`` back at ``base``: branch, index and files; receipts stay."""
     git(repo, "checkout", "-q", "-f", "main")
     git(repo, "reset", "-q", "--hard", base)
-    git(repo, "clean", "-q", "-fd")
+    # Receipts are untracked (cage mission run leaves them out of its snapshots): kept.
+    git(repo, "clean", "-q", "-fd", "-e", f"/{OUTCOMES_DIR}/")
