@@ -156,6 +156,16 @@ class Change:
 
 
 @dataclass(frozen=True)
+class Snapshot:
+    """A commit recording a working tree (``Repo.snapshot``), kept alive by ``ref``."""
+
+    commit: str
+    tree: str
+    parent: str  # HEAD when the snapshot was taken
+    ref: str
+
+
+@dataclass(frozen=True)
 class TreeEntry:
     """One entry of a tree listing (``git ls-tree``)."""
 
@@ -245,13 +255,16 @@ class Repo:
         config: Sequence[str] = (),
         input: bytes | None = None,
         ok_codes: tuple[int, ...] = (0,),
+        env: dict[str, str] | None = None,
     ) -> bytes:
         cmd: list[str | bytes] = ["git", "-C", str(cwd)]
         for item in (*SAFE_CONFIG, *config):
             cmd += ["-c", item]
         cmd += list(args)
+        run_env = git_env()
+        run_env.update(env or {})  # set after the scrub: e.g. a temporary GIT_INDEX_FILE
         try:
-            done = subprocess.run(cmd, input=input, capture_output=True, env=git_env(), check=False)
+            done = subprocess.run(cmd, input=input, capture_output=True, env=run_env, check=False)
         except FileNotFoundError as exc:
             raise GitError("git is not installed or not on PATH; install git") from exc
         except OSError as exc:
@@ -448,6 +461,112 @@ class Repo:
             for e in parse_ls_tree(out)
             if e.path in wanted and e.type == "blob" and e.mode in REGULAR_MODES
         }
+
+    # -- the working tree (cage mission run) -------------------------------------------------
+
+    def dirty_paths(self, skip_prefix: str | None = None) -> list[str]:
+        """Paths of the working tree with uncommitted changes (tracked files, staged or not)
+        and untracked files that are not ignored, except those under ``skip_prefix``: one
+        ``git status``. Empty when the working tree is clean."""
+        out = self._run(
+            ["status", "--porcelain=v1", "-z", "--untracked-files=all", "--ignore-submodules=none"],
+            what="checking the working tree for uncommitted changes",
+        )
+        paths = []
+        records = out.split(b"\0")
+        i = 0
+        while i < len(records):
+            record = records[i]
+            i += 1
+            if len(record) < 4:
+                continue
+            path = decode_path(record[3:])
+            if record[:1] in (b"R", b"C"):
+                i += 1  # the source path of a rename or copy follows
+            if skip_prefix and path.startswith(skip_prefix):
+                continue
+            paths.append(path)
+        return paths
+
+    def snapshot(self, *, ref: str, message: str, keep_from_head: str | None = None) -> Snapshot:
+        """Record the working tree (commits since any base and uncommitted changes alike) as a
+        commit whose parent is ``HEAD``, and point ``ref`` at it, without touching the branch,
+        the index or the working tree.
+
+        A temporary index (a copy of the real one, so git's stat cache spares re-hashing every
+        file; ``read-tree HEAD`` if the copy cannot be used) gets ``git add -A`` (which honours
+        .gitignore), then ``write-tree``, ``commit-tree`` and ``update-ref``. Paths under the
+        folder ``keep_from_head`` (e.g. ``.runcap/outcomes``) are kept as they are at ``HEAD``.
+        The commit is made by "cage <cage@localhost>"; no hook runs.
+        """
+        if not ref.startswith("refs/") or ref.endswith("/"):
+            raise GitError(f"refusing snapshot ref {ref!r}: it must be a full ref name")
+        parent = self.resolve_commit("HEAD")
+        tmp = Path(tempfile.mkdtemp(prefix="cage-snapshot-"))
+        try:
+            index = tmp / "index"
+            env = {"GIT_INDEX_FILE": str(index)}
+            copied = False
+            with contextlib.suppress(OSError):
+                shutil.copyfile(self.git_dir / "index", index)
+                copied = True
+            what = "staging the working tree in a temporary index"
+            try:
+                if not copied:
+                    raise GitError("no index to copy")
+                self._run(["add", "-A"], what=what, env=env)
+            except GitError:
+                with contextlib.suppress(OSError):
+                    index.unlink()
+                self._run(
+                    ["read-tree", parent], what="reading HEAD into a temporary index", env=env
+                )
+                self._run(["add", "-A"], what=what, env=env)
+            if keep_from_head:
+                folder = keep_from_head.rstrip("/")
+                self._run(
+                    ["rm", "-r", "-q", "--cached", "--ignore-unmatch", "--", folder],
+                    what=f"keeping {folder} as at HEAD",
+                    env=env,
+                )
+                listed = self._run(
+                    [
+                        "ls-tree",
+                        "-r",
+                        "-z",
+                        "--full-tree",
+                        "--end-of-options",
+                        parent,
+                        "--",
+                        folder,
+                    ],
+                    what=f"listing {folder} at HEAD",
+                )
+                if listed:
+                    self._run(
+                        ["update-index", "-z", "--index-info"],
+                        input=listed,
+                        what=f"keeping {folder} as at HEAD",
+                        env=env,
+                    )
+            tree = self._run(["write-tree"], what="writing the snapshot tree", env=env)
+            tree_sha = tree.decode("ascii").strip()
+            who = {
+                "GIT_AUTHOR_NAME": "cage",
+                "GIT_AUTHOR_EMAIL": "cage@localhost",
+                "GIT_COMMITTER_NAME": "cage",
+                "GIT_COMMITTER_EMAIL": "cage@localhost",
+            }
+            out = self._run(
+                ["commit-tree", tree_sha, "-p", parent, "-m", message],
+                what="writing the snapshot commit",
+                env=who,
+            )
+            commit = out.decode("ascii").strip()
+            self._run(["update-ref", ref, commit], what=f"pointing {ref} at the snapshot")
+            return Snapshot(commit=commit, tree=tree_sha, parent=parent, ref=ref)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
 
     # -- worktrees ---------------------------------------------------------------------------
 

@@ -38,11 +38,9 @@ import ctypes
 import os
 import secrets
 import select
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import termios
 import threading
 import time
@@ -121,136 +119,6 @@ def _now() -> str:
 def _say(options: MissionOptions, message: str) -> None:
     if options.progress is not None:
         options.progress(message)
-
-
-# ---------------------------------------------------------------------------------------
-# git: the dirty check and the snapshot (kept here until gitio grows Repo.snapshot)
-
-
-def _git(
-    root: Path,
-    args: Sequence[str],
-    *,
-    what: str,
-    env: dict[str, str] | None = None,
-    ok_codes: tuple[int, ...] = (0,),
-) -> bytes:
-    """One git call with gitio's safe settings, except that pathspec magic is allowed
-    (``:(exclude)``): these are cage's own pathspecs, never a user's."""
-    from cage import gitio
-
-    run_env = gitio.git_env()
-    run_env.pop("GIT_LITERAL_PATHSPECS", None)
-    run_env.update(env or {})
-    cmd = ["git", "-C", str(root)]
-    for item in gitio.SAFE_CONFIG:
-        cmd += ["-c", item]
-    cmd += list(args)
-    try:
-        done = subprocess.run(cmd, capture_output=True, env=run_env, check=False)
-    except OSError as exc:
-        raise GitError(f"cannot run git ({what}): {exc}") from exc
-    if done.returncode not in ok_codes:
-        tail = done.stderr.decode("utf-8", "replace").strip()[-600:] or "(no message from git)"
-        raise GitError(f"git {args[0]} failed: {what}: {tail}")
-    return done.stdout
-
-
-# The receipts cage writes are not the agent's work: they never make a tree dirty and never
-# enter a snapshot.
-_NOT_OUTCOMES = ":(top,exclude)" + outcome.OUTCOMES_DIR
-
-
-def dirty_paths(root: Path) -> list[str]:
-    """Paths with uncommitted changes (tracked) or untracked and not ignored, outside
-    ``.runcap/outcomes/``; empty when the working tree is clean."""
-    out = _git(
-        root,
-        ["status", "--porcelain=v1", "-z", "--untracked-files=all", "--", ":/", _NOT_OUTCOMES],
-        what="checking the working tree for uncommitted changes",
-    )
-    paths = []
-    records = out.split(b"\0")
-    i = 0
-    while i < len(records):
-        record = records[i]
-        i += 1
-        if len(record) < 4:
-            continue
-        paths.append(record[3:].decode("utf-8", "surrogateescape"))
-        if record[:1] in (b"R", b"C"):
-            i += 1  # the rename's source path follows
-    return paths
-
-
-@dataclass(frozen=True)
-class Snapshot:
-    """The agent's result as a commit object, kept alive by ``ref``."""
-
-    commit: str
-    tree: str
-    parent: str
-    ref: str
-
-
-def snapshot_worktree(root: Path, mission_id: str, base: str) -> Snapshot:
-    """Record the working tree (the agent's commits and uncommitted changes alike) as a
-    commit, without touching the user's branch, index or working tree.
-
-    A temporary index (a copy of the real one, so git's stat cache spares re-hashing every
-    file; a fresh ``read-tree HEAD`` if the copy cannot be used) gets ``git add -A`` (which
-    honours .gitignore), then ``write-tree`` and ``commit-tree`` with ``HEAD`` as parent, and
-    ``refs/cage/missions/<id>`` points at the commit so it is not garbage-collected.
-    ``.runcap/outcomes/`` is left as it is in HEAD: receipts are cage's, not the agent's.
-    """
-    from cage import gitio
-
-    repo = gitio.Repo(root)
-    try:
-        parent = repo.resolve_commit("HEAD")
-    except GitError:
-        parent = base  # the agent left HEAD unborn (an orphan branch): parent is the base
-    tmp = Path(tempfile.mkdtemp(prefix="cage-snapshot-"))
-    try:
-        index = tmp / "index"
-        env = {"GIT_INDEX_FILE": str(index)}
-        real_index = repo.git_dir / "index"
-        copied = False
-        with contextlib.suppress(OSError):
-            if real_index.is_file():
-                shutil.copyfile(real_index, index)
-                copied = True
-        add = ["add", "-A", "--", ":/", _NOT_OUTCOMES]
-        try:
-            if not copied:
-                raise GitError("no index to copy")
-            _git(root, add, what="staging the agent's result in a temporary index", env=env)
-        except GitError:
-            with contextlib.suppress(OSError):
-                index.unlink()
-            _git(root, ["read-tree", parent], what="reading HEAD into a temporary index", env=env)
-            _git(root, add, what="staging the agent's result in a temporary index", env=env)
-        tree = _git(root, ["write-tree"], what="writing the snapshot tree", env=env)
-        tree_sha = tree.decode("ascii").strip()
-        identity = {
-            "GIT_AUTHOR_NAME": "cage",
-            "GIT_AUTHOR_EMAIL": "cage@localhost",
-            "GIT_COMMITTER_NAME": "cage",
-            "GIT_COMMITTER_EMAIL": "cage@localhost",
-        }
-        out = _git(
-            root,
-            ["commit-tree", tree_sha, "-p", parent, "-m", f"cage mission {mission_id} snapshot"],
-            what="writing the snapshot commit",
-            env=identity,
-        )
-        commit = out.decode("ascii").strip()
-        ref = SNAPSHOT_REF_PREFIX + mission_id
-        _git(root, ["update-ref", ref, commit], what=f"pointing {ref} at the snapshot")
-        return Snapshot(commit=commit, tree=tree_sha, parent=parent, ref=ref)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        repo.close()
 
 
 # ---------------------------------------------------------------------------------------
@@ -764,6 +632,7 @@ def run_mission(options: MissionOptions) -> MissionResult:
     """
     from cage import __version__, gitio
     from cage import proxy as proxy_mod
+    from cage.policy import POLICY_PATH
 
     argv = list(options.argv)
     if argv and argv[0] == "--":
@@ -793,7 +662,7 @@ def run_mission(options: MissionOptions) -> MissionResult:
                 f"a receipt for mission {mission_id} already exists ({path}); choose another --id"
             )
         warnings: list[str] = []
-        dirty = dirty_paths(root)
+        dirty = repo.dirty_paths(skip_prefix=outcome.OUTCOMES_DIR + "/")
         if dirty:
             shown = ", ".join(dirty[:5]) + (f" and {len(dirty) - 5} more" if len(dirty) > 5 else "")
             if not options.allow_dirty:
@@ -811,7 +680,7 @@ def run_mission(options: MissionOptions) -> MissionResult:
     if policy_info["source"] == "file":
         warnings.append(
             f"--policy {options.policy_path}: the mission runs under this file, but CI reads "
-            f"the policy from the base commit ({gitio_policy_path()}), which may differ"
+            f"the policy from the base commit ({POLICY_PATH}), which may differ"
         )
     for line in warnings:
         _say(options, f"warning: {line}")
@@ -867,11 +736,16 @@ def run_mission(options: MissionOptions) -> MissionResult:
         raise
 
     # The snapshot and the receipt must survive a Ctrl-C; the replay may be interrupted.
-    snapshot: Snapshot | None = None
+    snapshot: Any = None  # gitio.Snapshot
     snapshot_error: str | None = None
     with _shielded(threading.Event()):
         try:
-            snapshot = snapshot_worktree(root, mission_id, base)
+            with gitio.Repo(root) as snap_repo:
+                snapshot = snap_repo.snapshot(
+                    ref=SNAPSHOT_REF_PREFIX + mission_id,
+                    message=f"cage mission {mission_id} snapshot",
+                    keep_from_head=outcome.OUTCOMES_DIR,
+                )
         except GitError as exc:
             snapshot_error = str(exc)
     mission_reasons = _mission_reasons(run, spend, policy)
@@ -967,13 +841,6 @@ def run_mission(options: MissionOptions) -> MissionResult:
     else:
         code = {"PASS": 0, "BLOCKED": 1, "HUMAN_APPROVAL_REQUIRED": 3}[verdict]
     return MissionResult(receipt=receipt, path=written, exit_code=code, warnings=warnings)
-
-
-def gitio_policy_path() -> str:
-    """The policy path CI reads at the base commit."""
-    from cage.policy import POLICY_PATH
-
-    return POLICY_PATH
 
 
 def _verdict_policy(verdict_doc: dict[str, Any] | None) -> dict[str, Any] | None:
