@@ -178,7 +178,7 @@ def annotations(verdict: Verdict, limit: int = MAX_ANNOTATIONS) -> list[str]:
         if line is not None:
             props += f",line={int(line)}"
         props += f",title={escape_property('cage: ' + reason.code)}"
-        out.append(f"::error {props}::{escape_data(reason.message)}")
+        out.append(f"::error {props}::{escape_data(printable(reason.message))}")
         if len(out) >= limit:
             break
     return out

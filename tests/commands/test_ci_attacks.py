@@ -481,3 +481,18 @@ def test_head_command_run_cannot_plant_files_for_the_regression_run(project, cap
     assert code == 1, doc["reasons"]
     assert "regression_failed" in codes(doc)
     assert any("test_mul" in r["message"] for r in doc["reasons"])
+
+
+def test_undecodable_path_bytes_do_not_crash_any_output(project, capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("GITHUB_ACTIONS", "true")
+    monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(tmp_path / "summary.md"))
+    project.write("docs/caf\udcff.md", "x\n")  # the byte 0xff, not UTF-8
+    head = project.commit("latin-1 name")
+    code, doc, _ = adjudicate(capsys, project, head)
+    assert code == 1
+    assert finding_codes(doc, "docs/caf\udcff.md") == {"out_of_scope"}
+    args = ["--repo", str(project.path), "--base", project.base, "--head", head]
+    assert main(["ci", "--mode", "adjudicate", *args]) == 1
+    out = capsys.readouterr().out
+    assert "docs/caf\\udcff.md" in out or "docs/caf\\xff.md" in out
+    assert "caf" in (tmp_path / "summary.md").read_text()

@@ -7,6 +7,8 @@ Exit codes: PASS 0, BLOCKED 1, HUMAN_APPROVAL_REQUIRED 3, usage error 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import os
 import sys
@@ -91,6 +93,11 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("give both --base and --head, or neither (then the GitHub event is read)")
     from cage import adjudicate as adj
 
+    # Paths are bytes in git; undecodable ones reach us as lone surrogates. Never let
+    # printing them raise (a crash in the gate must not replace the verdict).
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(AttributeError, ValueError, io.UnsupportedOperation):
+            stream.reconfigure(errors="backslashreplace")
     try:
         verdict = _adjudicate(args)
     except Exception as exc:  # fail closed: a crash must be a BLOCKED verdict, not a traceback
@@ -100,7 +107,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"cage: internal error: {verdict.error}", file=sys.stderr)
     _publish(verdict, json_mode=args.json)
     if args.json:
-        sys.stdout.write(json.dumps(verdict.to_dict(), indent=2, ensure_ascii=False) + "\n")
+        # ASCII JSON: valid on any stdout encoding, undecodable path bytes kept as escapes.
+        sys.stdout.write(json.dumps(verdict.to_dict(), indent=2, ensure_ascii=True) + "\n")
     else:
         fence = os.environ.get("GITHUB_ACTIONS") == "true"
         sys.stdout.write("\n".join(text_report(verdict, fence=fence)) + "\n")
