@@ -949,9 +949,11 @@ def _adjudicate(
     policy_path = policy_mod.POLICY_PATH
     data = repo.read_file_at(base, policy_path)
     if data is None:
+        entry = repo.entry_at(base, policy_path) if hasattr(repo, "entry_at") else None
+        what = "does not exist" if entry is None else f"is not a regular file (mode {entry.mode})"
         return blocked(
             "policy_missing",
-            f"{policy_path} does not exist at the base commit {base[:12]}; "
+            f"{policy_path} {what} at the base commit {base[:12]}; "
             "commit a policy to the base branch first (`cage policy init`)",
             base=base,
             head=head,

@@ -560,3 +560,15 @@ def test_github_outputs_summary_and_annotations(project, capsys, tmp_path, monke
     annotations = [line for line in out.splitlines() if line.startswith("::error ")]
     assert 1 <= len(annotations) <= 10
     assert annotations[0].startswith("::error file=docs/")
+
+
+def test_symlinked_policy_at_base_counts_as_missing(project, capsys):
+    project.write("policy.yaml", (project.path / ".runcap/mission.yaml").read_text())
+    project.remove(".runcap/mission.yaml")
+    (project.path / ".runcap").mkdir(exist_ok=True)
+    (project.path / ".runcap/mission.yaml").symlink_to("../policy.yaml")
+    project.base = project.commit("symlinked policy")
+    project.fix()
+    code, doc, _ = adjudicate(capsys, project, project.commit("fix"))
+    assert code == 1 and codes(doc) == {"policy_missing"}
+    assert "not a regular file (mode 120000)" in doc["reasons"][0]["message"]
