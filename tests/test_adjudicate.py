@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from types import SimpleNamespace
@@ -379,3 +380,69 @@ def test_passed_at_base_must_not_vanish_or_be_skipped_at_head():
 )
 def test_added_top_level_module_named_like_the_stdlib(path, name):
     assert adj._shadowed_stdlib(path) == name
+
+
+# --- classify with plain data (real pathrules, tamper and policy) ---------------------------
+def policy(**verification):
+    from cage.policy import load_policy
+
+    v = {"command": "python -m pytest -q tests/test_ops.py", "allow": ["src/**"]}
+    v.update(verification)
+    text = (
+        "version: v1\nmission: {name: m}\nbudget: {mission_hard_limit_usd: 1}\n"
+        f"verification: {json.dumps(v)}\n"
+    )
+    return load_policy(text.encode())
+
+
+def by_path(findings):
+    out = {}
+    for f in findings:
+        out.setdefault(f.path, set()).add(f.code)
+    return out
+
+
+def test_classify_plain_data():
+    changes = [
+        change("M", "src/calc/ops.py"),
+        change("A", "README.md"),
+        change("A", "tests/test_new.py"),
+        change("D", "src/calc/old.py"),
+        change("A", "src/calc/missing.py"),
+        change("A", ".runcap/outcomes/r1/receipt.json"),
+    ]
+    blobs = {
+        "2" * 40: b"def add(a, b):\n    return a + b\n",
+        "1" * 40: b"def add(a, b):\n    return a - b\n",
+    }
+    # every change above shares new_sha "2"*40, except the missing one
+    changes[4] = SimpleNamespace(**{**vars(changes[4]), "new_sha": "3" * 40})
+    found = by_path(adj.classify(changes, blobs, policy(), set()))
+    assert "src/calc/ops.py" not in found
+    assert found["README.md"] == {"out_of_scope"}
+    assert found["tests/test_new.py"] == {"out_of_scope", "verifier_touched"}
+    assert found["src/calc/old.py"] == {"deleted_path"}
+    assert found["src/calc/missing.py"] == {"unreadable_content"}
+    assert ".runcap/outcomes/r1/receipt.json" not in found
+
+
+def test_classify_guard_off_turns_verifier_findings_into_restores():
+    changes = [change("M", "tests/test_ops.py")]
+    blobs = {"2" * 40: b"def test_add():\n    assert True\n"}
+    findings = adj.classify(changes, blobs, policy(guard="off", allow=["**"]), set())
+    assert [(f.kind, f.code) for f in findings] == [("restored", "verifier_restored")]
+    assert adj.restore_paths(findings) == ["tests/test_ops.py"]
+
+
+def test_classify_scans_changed_python_for_tamper():
+    changes = [change("M", "src/calc/ops.py")]
+    blobs = {"1" * 40: b"def add(a, b):\n    return a - b\n", "2" * 40: b"import os\nos._exit(0)\n"}
+    findings = adj.classify(changes, blobs, policy(), set())
+    assert findings and all(f.kind == "tamper" and f.code.startswith("tamper_") for f in findings)
+    assert findings[0].line == 2
+
+
+def test_classify_command_files():
+    changes = [change("A", "src/check.sh")]
+    findings = adj.classify(changes, {"2" * 40: b"exit 0\n"}, policy(), {"src/check.sh"})
+    assert [f.code for f in findings] == ["verifier_touched"]

@@ -88,6 +88,7 @@ REASON_CODES: dict[str, tuple[int, str]] = {
     ),
     "not_utf8": (RULE_INTEGRITY, "a changed text file is not valid UTF-8"),
     "unsupported_change": (RULE_INTEGRITY, "git reported a change status cage does not know"),
+    "unreadable_content": (RULE_INTEGRITY, "a changed file's content could not be read from git"),
     # rule 2: the verifier or trusted configuration was touched
     "verifier_touched": (
         RULE_HUMAN,
@@ -428,9 +429,7 @@ def classify(
         if regular_new:
             if data is None:
                 here.append(
-                    Finding(
-                        path, "structural", "binary_content", "content could not be read from git"
-                    )
+                    Finding(path, "structural", "unreadable_content", "content could not be read")
                 )
             else:
                 here.extend(content_findings(path, data))

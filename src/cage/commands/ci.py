@@ -58,6 +58,7 @@ STRUCTURAL = {
     "lfs_pointer",
     "not_utf8",
     "unsupported_change",
+    "unreadable_content",
 }
 SHOWN_PER_CODE = 10
 
