@@ -572,3 +572,14 @@ def test_symlinked_policy_at_base_counts_as_missing(project, capsys):
     code, doc, _ = adjudicate(capsys, project, project.commit("fix"))
     assert code == 1 and codes(doc) == {"policy_missing"}
     assert "not a regular file (mode 120000)" in doc["reasons"][0]["message"]
+
+
+def test_collection_error_at_base_then_every_head_test_passes(project, capsys):
+    project.write("src/calc/ops.py", "def mul(a, b):\n    return a * b\n")  # no add: ImportError
+    project.base = project.commit("add is missing")
+    project.fix()
+    code, doc, _ = adjudicate(capsys, project, project.commit("add add"))
+    assert code == 0, doc["reasons"]
+    base_tests = doc["verification"]["base"]["command"]["tests"]
+    assert base_tests["error"] >= 1 and base_tests["passed"] == 0
+    assert doc["verification"]["status"] == "VERIFIED_STRONG"
