@@ -700,8 +700,9 @@ class SQLiteLedger(Ledger):
 
         Rows: key, calls, input/output/cache_read/cache_write tokens, cost_usd (sum of the
         priced calls), unpriced (calls with no price), truth {measured, modeled, estimated}
-        (calls per label). Date bounds are UTC days and read a rollup table; bounds with a
-        time of day (and by-caller within a mission) read the events table.
+        (calls per label). Whole UTC days are read from a rollup table; the partial first
+        or last day of a bound with a time of day (and by-caller within a mission) from the
+        events table.
         """
         if by not in REPORT_KEYS:
             raise LedgerError(f"cannot report by {by!r}: use one of {', '.join(REPORT_KEYS)}")
@@ -710,52 +711,62 @@ class SQLiteLedger(Ledger):
             high = parse_bound(until, end=True)
         except ValueError as exc:
             raise LedgerError(str(exc)) from None
-        exact_days = all(bound is None or bound.endswith("T00:00:00Z") for bound in (low, high))
         key = REPORT_KEYS[by]
-        where: list[str] = []
+        mission_sql = " AND mission_id = ?" if mission is not None else ""
+        mission_params = [mission] if mission is not None else []
+        parts: list[str] = []
         params: list[Any] = []
-        table = _rollup_for(key, mission is not None) if exact_days else None
-        if table is not None:
-            # Days are whole in a rollup: compare its day column with the bound's day.
-            if low is not None:
-                where.append("day >= ?")
-                params.append(low[:10])
-            if high is not None:
-                where.append("day < ?")
-                params.append(high[:10])
-            if mission is not None:
-                where.append("mission_id = ?")
-                params.append(mission)
-            sql = (
-                f"SELECT nullif({key}, '') AS k, sum(calls), sum(input_tokens), "
-                "sum(output_tokens), sum(cache_read_tokens), sum(cache_write_tokens), "
-                "total(cost_usd) AS cost, sum(unpriced), "
-                "total(CASE WHEN truth = 'measured' THEN calls END), "
-                "total(CASE WHEN truth = 'modeled' THEN calls END), "
-                f"total(CASE WHEN truth = 'estimated' THEN calls END) FROM {table}"
-            )
+        table = _rollup_for(key, mission is not None)
+        if table is None:
+            event_ranges: list[tuple[str | None, str | None]] = [(low, high)]
         else:
-            if low is not None:
-                where.append("timestamp >= ?")
-                params.append(low)
-            if high is not None:
-                where.append("timestamp < ?")
-                params.append(high)
-            if mission is not None:
-                where.append("mission_id = ?")
-                params.append(mission)
-            column = "substr(timestamp, 1, 10)" if key == "day" else key
-            sql = (
-                f"SELECT {column} AS k, count(*), sum(input_tokens), sum(output_tokens), "
-                "sum(cache_read_tokens), sum(cache_write_tokens), total(cost_usd) AS cost, "
-                "sum(cost_usd IS NULL), total(truth = 'measured'), total(truth = 'modeled'), "
-                "total(truth = 'estimated') FROM events"
+            # Whole UTC days come from the rollup; the partial first and last day of a bound
+            # with a time of day come from the events table (its timestamp index).
+            days, event_ranges = _split_by_days(low, high)
+            if days is not None:
+                first, last = days
+                where = "1"
+                if first is not None:
+                    where += " AND day >= ?"
+                    params.append(first)
+                if last is not None:
+                    where += " AND day < ?"
+                    params.append(last)
+                parts.append(
+                    f"SELECT nullif({key}, '') AS k, calls, input_tokens, output_tokens, "
+                    "cache_read_tokens, cache_write_tokens, cost_usd, unpriced, "
+                    "(truth = 'measured') * calls AS m, (truth = 'modeled') * calls AS d, "
+                    f"(truth = 'estimated') * calls AS e FROM {table} WHERE {where}" + mission_sql
+                )
+                params += mission_params
+        column = "substr(timestamp, 1, 10)" if key == "day" else key
+        for start, end in event_ranges:
+            where = "1"
+            if start is not None:
+                where += " AND timestamp >= ?"
+                params.append(start)
+            if end is not None:
+                where += " AND timestamp < ?"
+                params.append(end)
+            parts.append(
+                f"SELECT {column} AS k, 1 AS calls, input_tokens, output_tokens, "
+                "cache_read_tokens, cache_write_tokens, ifnull(cost_usd, 0) AS cost_usd, "
+                "cost_usd IS NULL AS unpriced, truth = 'measured' AS m, "
+                f"truth = 'modeled' AS d, truth = 'estimated' AS e FROM events WHERE {where}"
+                + mission_sql
             )
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        # Round inside the ordering so that float noise in the last bits cannot reorder
-        # rows whose costs are equal to the cent-fraction users see.
-        sql += " GROUP BY k HAVING count(*) > 0 ORDER BY round(cost, 9) DESC, k IS NULL, k"
+            params += mission_params
+        if not parts:
+            return []
+        sql = (
+            "SELECT k, sum(calls), sum(input_tokens), sum(output_tokens), "
+            "sum(cache_read_tokens), sum(cache_write_tokens), total(cost_usd) AS cost, "
+            "sum(unpriced), sum(m), sum(d), sum(e) FROM ("
+            + " UNION ALL ".join(parts)
+            # Round inside the ordering so that float noise in the last bits cannot
+            # reorder rows whose costs are equal to the cent-fraction users see.
+            + ") GROUP BY k HAVING sum(calls) > 0 ORDER BY round(cost, 9) DESC, k IS NULL, k"
+        )
         try:
             found = self._db.execute(sql, params).fetchall()
         except sqlite3.Error as exc:
@@ -873,6 +884,34 @@ class SQLiteLedger(Ledger):
     def close(self) -> None:
         """Close the connection (idempotent)."""
         self._db.close()
+
+
+def _split_by_days(
+    low: str | None, high: str | None
+) -> tuple[tuple[str | None, str | None] | None, list[tuple[str | None, str | None]]]:
+    """[low, high) -> (whole days [first, last) or None, partial ranges for the events).
+
+    Bounds are timestamps (``...T00:00:00Z`` at midnight) or None (unbounded).
+    """
+    first = None if low is None else low[:10] if _is_midnight(low) else _next_day(low[:10])
+    last = None if high is None else high[:10]
+    partial: list[tuple[str | None, str | None]] = []
+    if first is not None and last is not None and first >= last:
+        # Both bounds inside one day (or crossing no midnight): no whole day at all.
+        return None, [(low, high)] if low is not None and high is not None and low < high else []
+    if low is not None and not _is_midnight(low):
+        partial.append((low, first + "T00:00:00Z"))  # type: ignore[operator]
+    if high is not None and not _is_midnight(high):
+        partial.append((high[:10] + "T00:00:00Z", high))
+    return (first, last), partial
+
+
+def _is_midnight(stamp: str) -> bool:
+    return stamp.endswith("T00:00:00Z")
+
+
+def _next_day(day: str) -> str:
+    return (date.fromisoformat(day) + timedelta(days=1)).isoformat()
 
 
 def _rollup_for(key: str, by_mission: bool) -> str | None:
