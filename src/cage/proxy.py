@@ -1016,7 +1016,7 @@ class MeteringProxy:
             await response.prepare(request)
             await response.write_eof()
         obj = None
-        if data[:1] == b"{":
+        if data[:64].lstrip()[:1] == b"{":
             try:
                 obj = json.loads(data)
             except ValueError:
