@@ -172,14 +172,17 @@ def _run_line(label: str, result: dict[str, Any] | None) -> str | None:
     return f"  {label}: {exit_text}{counts}, {result.get('duration_s', 0):.1f}s"
 
 
-def _output_lines(v: dict[str, Any], *, fence: bool) -> list[str]:
-    """Tails of failed runs at head (and failed setups), escaped, fenced on GitHub."""
+def _output_lines(v: dict[str, Any], codes: set[str], *, fence: bool) -> list[str]:
+    """Tails of the failed runs that decided the verdict, escaped, fenced on GitHub."""
     from cage.github import fenced_output, printable
 
-    runs = [("setup at base", (v.get("base") or {}).get("setup"))]
     head = v.get("head") or {}
-    runs += [("setup at head", head.get("setup")), ("command at head", head.get("command"))]
-    runs.append(("regression at head", (v.get("regression") or {}).get("head")))
+    runs = [("setup at base", (v.get("base") or {}).get("setup"))]
+    runs.append(("setup at head", head.get("setup")))
+    if codes - {"regression_failed", "setup_failed", "timeout", "processes_killed"}:
+        runs.append(("command at head", head.get("command")))
+    if "regression_failed" in codes:
+        runs.append(("regression at head", (v.get("regression") or {}).get("head")))
     lines: list[str] = []
     for label, result in runs:
         tail = (result or {}).get("output_tail")
@@ -219,7 +222,9 @@ def text_report(verdict: Any, *, fence: bool = False) -> list[str]:
     if doc["policy"]:
         lines.append(f"policy: {doc['policy']['path']} at base, sha256 {doc['policy']['hash']}")
     if doc["base"] and doc["head"]:
-        lines.append(f"base {doc['base']}  head {doc['head']}  ({len(doc['changes'])} paths)")
+        n = len(doc["changes"])
+        paths = "1 changed path" if n == 1 else f"{n} changed paths"
+        lines.append(f"base {doc['base']}  head {doc['head']}  ({paths})")
     v = doc["verification"]
     if v.get("replayed"):
         lines.append("verification:")
@@ -234,7 +239,7 @@ def text_report(verdict: Any, *, fence: bool = False) -> list[str]:
             row = _run_line(f"regression at {side}", reg.get(side))
             if row:
                 lines.append(row)
-        lines += _output_lines(v, fence=fence)
+        lines += _output_lines(v, {r["code"] for r in doc["reasons"]}, fence=fence)
     elif v.get("skipped_reason"):
         lines.append(f"verification: not replayed: {printable(v['skipped_reason'])}")
     deciding = next((r["code"] for r in doc["reasons"] if r["code"]), None)
