@@ -355,7 +355,7 @@ def main() -> int:
             t = time.perf_counter()
             ledger.report("model", since="2026-08-05T12:00:00Z")
             print(
-                f"report in-process, timestamp bound (events scan): "
+                f"report in-process, timestamp bound (rollup + partial day): "
                 f"{(time.perf_counter() - t) * 1000:.1f} ms"
             )
 
