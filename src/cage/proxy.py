@@ -1011,10 +1011,19 @@ class MeteringProxy:
             body=data,
             headers=_response_headers(upstream.headers, decoded=True),
         )
-        # Send first, account after: the client never waits for the books.
-        with contextlib.suppress(ConnectionError, aiohttp.ClientConnectionError):
+        # Send first, account after: the client never waits for the books. The accounting
+        # runs even when the client hangs up while the answer is being sent.
+        try:
             await response.prepare(request)
             await response.write_eof()
+        except (ConnectionError, aiohttp.ClientConnectionError):
+            pass
+        finally:
+            self._account_body(call, upstream.status, data)
+        return response
+
+    def _account_body(self, call: _Call, status: int, data: bytes) -> None:
+        api = call.api
         obj = None
         if data[:64].lstrip()[:1] == b"{":
             try:
@@ -1026,14 +1035,13 @@ class MeteringProxy:
             call.model = _str_or_none(obj.get("model")) or call.model
             call.request_id = call.request_id or _str_or_none(obj.get("id"))
         if isinstance(usage, dict):
-            error = f"http_{upstream.status}" if upstream.status >= 400 else None
+            error = f"http_{status}" if status >= 400 else None
             self._record(call, normalise_usage(api, usage), "measured", error)
-        elif upstream.status >= 400:
+        elif status >= 400:
             # Providers do not bill a request they answer with an error status.
-            self._record_free_error(call, f"http_{upstream.status}")
+            self._record_free_error(call, f"http_{status}")
         else:
             self._record_unknown(call, "usage_missing", output_chars=len(data))
-        return response
 
     async def _relay_stream(
         self,
