@@ -257,26 +257,57 @@ def test_anthropic_message_delta_usage_is_cumulative_not_added(proxy, ledger_pat
     assert event.output_tokens == 55
 
 
-def test_stream_reaches_the_client_before_it_ends(proxy):
-    """The first event arrives while the upstream is still sending (no buffering)."""
+def test_stream_reaches_the_client_before_it_ends(ledger_path):
+    """The first event is forwarded while the upstream still holds back the rest."""
+    release = threading.Event()
+    chunk = {"id": "chatcmpl-gated", "object": "chat.completion.chunk", "model": "gpt-4o-mini"}
+    first = {**chunk, "choices": [{"index": 0, "delta": {"content": "first"}}]}
+    usage = {"prompt_tokens": 9, "completion_tokens": 1}
+    last = {**chunk, "choices": [], "usage": usage}
 
-    async def go() -> tuple[float, float]:
-        async with aiohttp.ClientSession() as session:
-            started = time.monotonic()
-            async with session.post(
-                proxy.url + "/v1/messages",
-                json=messages(stream=True),
-                headers={"x-cage-mock-delay-ms": "100", "x-cage-mock-output-tokens": "8"},
-            ) as response:
-                await response.content.readuntil(b"\n\n")
-                first = time.monotonic() - started
-                await response.read()
-                return first, time.monotonic() - started
+    async def gated(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(b"data: " + json.dumps(first).encode() + b"\n\n")
+        await asyncio.get_running_loop().run_in_executor(None, release.wait, 30)
+        await response.write(b"data: " + json.dumps(last).encode() + b"\n\ndata: [DONE]\n\n")
+        await response.write_eof()
+        return response
 
-    first, total = asyncio.run(go())
-    # 12 events 100 ms apart: the whole stream takes over a second; the first event not.
-    assert total > 1.0
-    assert first < total / 2
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", gated)
+    gate = ServerThread(app)
+    try:
+        with start_proxy_in_thread(
+            mission_id="m-gate",
+            budget_usd=1.0,
+            ledger_path=str(ledger_path),
+            upstream_openai=gate.url,
+            upstream_anthropic=gate.url,
+        ) as running:
+
+            async def go() -> tuple[bytes, bytes]:
+                async with (
+                    aiohttp.ClientSession() as session,
+                    session.post(
+                        running.url + "/v1/chat/completions", json=chat(stream=True)
+                    ) as response,
+                ):
+                    # Arrives although the upstream has not finished (or buffering
+                    # would make this wait forever).
+                    head = await asyncio.wait_for(response.content.readuntil(b"\n\n"), 20)
+                    release.set()
+                    return head, await response.read()
+
+            head, rest = asyncio.run(go())
+            running.flush()
+    finally:
+        release.set()
+        gate.stop()
+    assert b'"first"' in head
+    assert rest == b"data: [DONE]\n\n"  # the usage chunk the client did not ask for: hidden
+    (event,) = events_of(ledger_path, "m-gate")
+    assert (event.truth, event.input_tokens, event.output_tokens) == ("measured", 9, 1)
 
 
 def test_budget_refusal_has_each_providers_error_shape(upstream, ledger_path):
@@ -537,10 +568,7 @@ def test_client_disconnect_mid_stream(proxy, ledger_path, upstream):
             response.close()  # hang up mid-stream
 
     asyncio.run(go())
-    deadline = time.monotonic() + 10
-    while proxy.spend()["calls"] == 0 and time.monotonic() < deadline:
-        time.sleep(0.02)
-    proxy.flush()
+    assert proxy.flush(timeout=10)  # the abandoned call has ended and is recorded
     (event,) = events_of(ledger_path)
     assert (event.truth, event.error_class) == ("estimated", "client_disconnected")
     assert event.cost_usd > 0
