@@ -526,6 +526,68 @@ def assess(
     return Assessment(section, reasons)
 
 
+def gather(
+    repo: Any,
+    changes: Iterable[Any],
+    evidence_path: str | None = None,
+    statements: Iterable[Any] = (),
+) -> list[Evidence]:
+    """Spend evidence for base..head: receipts the change adds or modifies, read from git
+    objects (never the working tree), then the ``--spend-evidence`` file, then ``statements``
+    handed over in memory (``cage mission run`` passes the one it just signed).
+
+    Receipts already at base are left out: they belong to earlier changes, so they could
+    never be bound to this one, and listing them would flag every later pull request.
+    """
+    from cage import pathrules
+
+    receipts = sorted(
+        (c.path, c.new_sha)
+        for c in changes
+        if c.status in ("A", "M")
+        and c.new_mode in ("100644", "100755")
+        and pathrules.is_receipt_path(c.path)
+    )[:MAX_STATEMENTS]
+    blobs = repo.read_blobs([sha for _, sha in receipts]) if receipts else {}
+    out = [evidence_from_receipt(path, blobs[sha]) for path, sha in receipts]
+    if evidence_path is not None:
+        data: bytes | None = None
+        error = None
+        try:
+            with open(evidence_path, "rb") as fh:
+                data = fh.read(MAX_EVIDENCE_BYTES + 1)
+        except OSError as exc:
+            error = f"cannot read --spend-evidence {evidence_path}: {exc.strerror or exc}"
+        out.extend(evidence_from_file(evidence_path, data, error))
+    out.extend(Evidence(f"statement {i + 1} of the mission", s) for i, s in enumerate(statements))
+    return out
+
+
+def assess_change(
+    repo: Any,
+    *,
+    base: str,
+    head: str,
+    changes: Iterable[Any],
+    mode: str,
+    limit_usd: float | None,
+    key: bytes | None,
+    evidence_path: str | None = None,
+    statements: Iterable[Any] = (),
+) -> Assessment:
+    """:func:`gather` + :func:`assess` for base..head of ``repo`` (a ``gitio.Repo``)."""
+    evidence = [] if mode == "off" else gather(repo, changes, evidence_path, statements)
+    return assess(
+        evidence,
+        key,
+        mode=mode,
+        base=base,
+        digest=lambda: change_digest(repo, head),
+        limit_usd=limit_usd,
+        evidence_path=evidence_path,
+    )
+
+
 def _sum(payloads: list[dict[str, Any]]) -> dict[str, Any]:
     """Totals over valid payloads: by model, by truth label, and the dollar total."""
     by_model: dict[str, dict[str, Any]] = {}
