@@ -92,7 +92,8 @@ def key_id(key: bytes) -> str:
     return hashlib.sha256(key).hexdigest()[:8]
 
 
-def _check_key(key: bytes, where: str) -> bytes:
+def check_key(key: bytes, where: str) -> bytes:
+    """``key`` when it is long enough; UsageError naming ``where`` (never the key) if not."""
     if len(key) < MIN_KEY_BYTES:
         # Never echo the key, not even in part: only its length.
         raise UsageError(
@@ -127,12 +128,12 @@ def load_key(
             raise UsageError(
                 f"the attest key file {os.fspath(key_file)} is empty; put a random key in it"
             )
-        return _check_key(key, f"the file {os.fspath(key_file)}")
+        return check_key(key, f"the file {os.fspath(key_file)}")
     env = os.environ if env is None else env
     value = env.get(KEY_ENV, "").strip()
     if not value:
         return None
-    return _check_key(value.encode("utf-8", "surrogateescape"), f"${KEY_ENV}")
+    return check_key(value.encode("utf-8", "surrogateescape"), f"${KEY_ENV}")
 
 
 # ---------------------------------------------------------------------------------------
@@ -246,7 +247,7 @@ def statement_payload(
 
 def sign(payload: Mapping[str, Any], key: bytes) -> dict[str, Any]:
     """The signed statement for ``payload`` (which must be JSON without NaN)."""
-    _check_key(key, "the caller")
+    check_key(key, "the caller")
     payload = json.loads(canonical(payload))  # a private copy, exactly as it is signed
     return {"payload": payload, "alg": ALG, "key_id": key_id(key), "signature": _mac(payload, key)}
 
