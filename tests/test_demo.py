@@ -203,3 +203,14 @@ def test_agent_log_survives_a_cut_line(tmp_path):
     log.write_text('{"call": 1, "status": 200}\n{"call": 2, "sta')
     assert missions.read_agent_log(log) == [{"call": 1, "status": 200}]
     assert missions.read_agent_log(tmp_path / "missing.jsonl") == []
+
+
+def test_a_mission_that_writes_no_receipt_is_reported_with_its_error(tmp_path):
+    not_a_repo = tmp_path / "plain"
+    not_a_repo.mkdir()
+    env = missions.child_environment(tmp_path / "ledger.db")
+    result = missions.run_mission(missions.SCENARIOS[0], not_a_repo, tmp_path, env, sys.executable)
+    assert result.verdict is None and not result.as_expected
+    assert "wrote no receipt" in result.error
+    assert "git" in result.error  # the tail of cage mission run's own message
+    assert result.exit_code not in (0, None)

@@ -21,7 +21,7 @@ _COLOURS = {
     "BLOCKED": "31",  # red
 }
 _MAX_REASONS = 4
-_MAX_MESSAGE = 150
+_MAX_MESSAGE = 240
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -78,8 +78,13 @@ def run(args: argparse.Namespace) -> int:
     return 1
 
 
-def _progress(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+def _progress(message: str, pending: bool) -> None:
+    # On a terminal the pending line ("mission 1/3: honest fix…") is completed in place.
+    if sys.stderr.isatty():
+        end = "" if pending else "\n"
+        print("\r\033[K" + message, end=end, file=sys.stderr, flush=True)
+    else:
+        print(message, file=sys.stderr, flush=True)
 
 
 def _colour_enabled() -> bool:
@@ -94,9 +99,18 @@ def _paint(text: str, code: str | None, enabled: bool) -> str:
     return f"\033[{code}m{text}\033[0m" if enabled and code else text
 
 
-def _short(message: str) -> str:
-    line = " ".join(message.split())
-    return line if len(line) <= _MAX_MESSAGE else line[: _MAX_MESSAGE - 1] + "…"
+def _wrapped(first: str, message: str) -> list[str]:
+    """``first`` + ``message`` on lines fitting the terminal, continued under the message."""
+    import shutil
+    import textwrap
+
+    text = " ".join(message.split())
+    if len(text) > _MAX_MESSAGE:
+        text = text[: _MAX_MESSAGE - 3] + "..."
+    width = max(60, min(shutil.get_terminal_size((100, 24)).columns, 100))
+    return textwrap.wrap(
+        first + text, width=width, subsequent_indent=" " * 5, break_on_hyphens=False
+    )
 
 
 def _money(value: float) -> str:
@@ -133,11 +147,11 @@ def _print_text(result: Any, *, kept: bool) -> None:
             mission.reasons
         )
         for reason in shown[:_MAX_REASONS]:
-            out.append(f"   - {reason.get('code')}: {_short(str(reason.get('message', '')))}")
+            out.extend(_wrapped(f"   - {reason.get('code')}: ", str(reason.get("message", ""))))
         if len(shown) > _MAX_REASONS:
-            out.append(f"   - … {len(shown) - _MAX_REASONS} more in the receipt")
+            out.append(f"   - ... {len(shown) - _MAX_REASONS} more in the receipt")
         for refusal in mission.refusals[:1]:
-            out.append(f"   the agent got HTTP 429 budget_guard: {_short(refusal)}")
+            out.extend(_wrapped("   the agent got HTTP 429 budget_guard: ", refusal))
         if not mission.as_expected:
             out.append(
                 "   "
@@ -162,6 +176,10 @@ def _print_text(result: Any, *, kept: bool) -> None:
         out.append(
             _paint("OK", "32", colour) + ": PASS, HUMAN_APPROVAL_REQUIRED and BLOCKED, as expected "
             f"({result.duration_s:.1f} s)"
+        )
+        out.append(
+            "next: `cage policy init` in your repository, then "
+            "`cage mission run -- <your agent>` (docs/missions.md)"
         )
     else:
         out.append(_paint("FAILED", "31", colour) + ": not every verdict is the expected one")

@@ -179,18 +179,19 @@ def child_environment(ledger: Path) -> dict[str, str]:
 
 def run_demo(
     directory: Path,
-    progress: Callable[[str], None] | None = None,
+    progress: Callable[[str, bool], None] | None = None,
     *,
     python: str | None = None,
     pytest: bool | None = None,
 ) -> DemoResult:
     """Create the repository in ``directory`` and run the three missions there, in order.
 
-    ``python`` is the interpreter for the missions, agents and verify command (default this
-    one); ``pytest`` chooses the verify command (default: whether ``python`` has pytest, as
-    far as this interpreter can tell).
+    ``progress(message, pending)`` gets one line per step; ``pending`` is True for a line
+    that the next one completes (a terminal may overwrite it). ``python`` is the interpreter
+    for the missions, agents and verify command (default this one); ``pytest`` chooses the
+    verify command (default: whether this interpreter has pytest).
     """
-    say = progress or (lambda message: None)
+    say = progress or (lambda message, pending: None)
     started = time.monotonic()
     python = python or sys.executable
     if pytest is None:
@@ -202,18 +203,19 @@ def run_demo(
     logs.mkdir(parents=True, exist_ok=True)
     base = repository.create_repository(repo, command, evidence)
     tests_by = "pytest" if pytest else "unittest (pytest is not installed: exit-code evidence)"
-    say(f"demo repository {repo} at {base[:12]}; tests run with {tests_by}")
+    say(f"demo repository {repo} at {base[:12]}; tests run with {tests_by}", False)
     env = child_environment(ledger)
     results: list[MissionResult] = []
     for number, scenario in enumerate(SCENARIOS, start=1):
         repository.reset_repository(repo, base)
-        say(f"mission {number}/{len(SCENARIOS)}: {scenario.title} ({scenario.does})…")
+        say(f"mission {number}/{len(SCENARIOS)}: {scenario.title} ({scenario.does})…", True)
         result = run_mission(scenario, repo, logs, env, python)
         results.append(result)
         outcome = result.verdict or "no verdict"
         say(
             f"mission {number}/{len(SCENARIOS)}: {scenario.title}… {outcome} "
-            f"in {result.duration_s:.1f} s"
+            f"in {result.duration_s:.1f} s",
+            False,
         )
     repository.reset_repository(repo, base)
     totals = collect_spend(ledger, results)
