@@ -163,6 +163,22 @@ def test_agent_outside_a_mission_says_what_to_do(demo_repo):
     assert repository.git(repo, "status", "--porcelain") == ""
 
 
+def test_inherited_git_variables_cannot_point_the_demo_at_another_repository(
+    monkeypatch, tmp_path, git_repo
+):
+    git_repo.write("keep.txt", "user's work\n")
+    user_head = git_repo.commit("user")
+    git_repo.write("keep.txt", "uncommitted user work\n")
+    monkeypatch.setenv("GIT_DIR", str(git_repo.path / ".git"))
+    monkeypatch.setenv("GIT_WORK_TREE", str(git_repo.path))
+    command, evidence = repository.verify_command(sys.executable, False)
+    base = repository.create_repository(tmp_path / "calc", command, evidence)
+    repository.reset_repository(tmp_path / "calc", base)
+    assert git_repo.head() == user_head
+    assert (git_repo.path / "keep.txt").read_text() == "uncommitted user work\n"
+    assert repository.git(tmp_path / "calc", "rev-parse", "HEAD").strip() == base
+
+
 def test_child_environment_uses_the_demo_ledger_and_drops_keys(monkeypatch, tmp_path):
     monkeypatch.setenv("OPENAI_API_KEY", "sk-real-key")
     monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-real")

@@ -100,8 +100,16 @@ GIT_IDENTITY = {
 
 
 def git_environment(base: dict[str, str] | None = None) -> dict[str, str]:
-    """``base`` (default ``os.environ``) with a fixed git identity and no user git config."""
-    env = dict(os.environ if base is None else base)
+    """``base`` (default ``os.environ``) with a fixed git identity and no user git config.
+
+    Every inherited ``GIT_*`` variable is dropped: a ``GIT_DIR`` or ``GIT_WORK_TREE`` left by
+    a hook or a shell would point the demo's ``git reset --hard`` at the user's repository.
+    """
+    env = {
+        name: value
+        for name, value in (os.environ if base is None else base).items()
+        if not name.startswith("GIT_")
+    }
     env.update(GIT_IDENTITY)
     env["GIT_CONFIG_GLOBAL"] = os.devnull
     env["GIT_CONFIG_NOSYSTEM"] = "1"
