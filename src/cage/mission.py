@@ -51,7 +51,7 @@ from pathlib import Path
 from typing import Any
 
 from cage import outcome
-from cage.errors import CageError, GitError, PolicyError, UsageError
+from cage.errors import CageError, GitError, PolicyError, ReceiptError, UsageError
 
 SNAPSHOT_REF_PREFIX = "refs/cage/missions/"
 DEFAULT_GRACE_S = 5.0
@@ -651,11 +651,14 @@ def run_mission(options: MissionOptions) -> MissionResult:
                 f"{root} has no commit checked out: commit the code (and the policy) first, "
                 "the mission's base is the commit you start from"
             ) from None
-        mission_id = (
-            outcome.check_mission_id(options.mission_id)
-            if options.mission_id is not None
-            else new_mission_id()
-        )
+        try:
+            mission_id = (
+                outcome.check_mission_id(options.mission_id)
+                if options.mission_id is not None
+                else new_mission_id()
+            )
+        except ReceiptError as exc:
+            raise UsageError(f"--id: {exc}") from None
         path = outcome.receipt_path(root, mission_id)
         if path.exists():
             raise UsageError(
@@ -758,10 +761,14 @@ def run_mission(options: MissionOptions) -> MissionResult:
         )
     interrupted = run.stopped_by == "interrupt"
     verdict_doc: dict[str, Any] | None = None
-    if snapshot is not None and not interrupted:
+    # Like the CI replay, the adjudication runs only when it can change the verdict: after a
+    # stop for budget, runtime or Ctrl-C the mission is BLOCKED whatever the change is.
+    certain = [r["code"] for r in mission_reasons if r["code"] in _BLOCKING_MISSION_REASONS]
+    if snapshot is not None and not certain:
         verdict_doc, interrupted_now = _adjudicate(root, base, snapshot.commit, options)
         if interrupted_now:
             interrupted = True
+            certain = ["mission_interrupted"]
             mission_reasons.insert(
                 0,
                 _reason(
@@ -782,7 +789,7 @@ def run_mission(options: MissionOptions) -> MissionResult:
             for c in verdict_doc.get("changes") or []
         ]
     else:
-        why = "the mission was interrupted" if interrupted else "there is no snapshot to verify"
+        why = f"the verdict is already certain ({', '.join(certain)})"
         verification = {
             "status": "UNVERIFIED",
             "replayed": False,
@@ -791,7 +798,7 @@ def run_mission(options: MissionOptions) -> MissionResult:
             "head": None,
             "regression": None,
         }
-        changes = []
+        changes = _changes_without_findings(root, base, snapshot)
     receipt: dict[str, Any] = {
         "schema": outcome.SCHEMA,
         "id": mission_id,
@@ -848,6 +855,20 @@ def _verdict_policy(verdict_doc: dict[str, Any] | None) -> dict[str, Any] | None
     if verdict_doc is None:
         return None
     return verdict_doc.get("policy")
+
+
+def _changes_without_findings(root: Path, base: str, snapshot: Any) -> list[dict[str, Any]]:
+    """The paths the agent changed (one ``git diff-tree``), when nothing was adjudicated."""
+    from cage import gitio
+
+    if snapshot is None:
+        return []
+    try:
+        with gitio.Repo(root) as repo:
+            found = repo.diff(base, snapshot.commit)
+    except (GitError, KeyboardInterrupt):
+        return []
+    return [{"path": c.path, "status": c.status, "findings": []} for c in found]
 
 
 def _adjudicate(
