@@ -10,6 +10,7 @@ which the metering proxy wrote call by call.
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -26,6 +27,10 @@ HUMAN = "HUMAN_APPROVAL_REQUIRED"
 
 # The mission runner, as a child of this very interpreter (the venv cage is installed in).
 MISSION_RUN = ("-m", "cage", "mission", "run", "--mock")
+# `cage mission run` exits with the shell's code for Ctrl-C when it was interrupted.
+EXIT_INTERRUPTED = 130
+# How long an interrupted mission gets to stop its agent and write its receipt.
+INTERRUPT_GRACE_S = 15
 # Generous: a mission takes seconds; this only stops a hung child from hanging the demo.
 MISSION_TIMEOUT_S = 300
 # Environment the children must not inherit: the demo is offline and sets its own.
@@ -210,6 +215,9 @@ def run_demo(
         repository.reset_repository(repo, base)
         say(f"mission {number}/{len(SCENARIOS)}: {scenario.title} ({scenario.does})…", True)
         result = run_mission(scenario, repo, logs, env, python)
+        if result.exit_code in (EXIT_INTERRUPTED, -signal.SIGINT):
+            # Ctrl-C reached the mission (and its receipt says so): the demo stops too.
+            raise KeyboardInterrupt
         results.append(result)
         outcome = result.verdict or "no verdict"
         say(
@@ -257,17 +265,11 @@ def run_mission(
     exit_code: int | None
     error: str | None = None
     with open(out_path, "wb") as out, open(err_path, "wb") as err:
+        proc = subprocess.Popen(
+            argv, cwd=repo, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=err
+        )
         try:
-            exit_code = subprocess.run(
-                argv,
-                cwd=repo,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=err,
-                timeout=MISSION_TIMEOUT_S,
-                check=False,
-            ).returncode
+            exit_code = _wait_for_mission(proc)
         except subprocess.TimeoutExpired:
             exit_code = None
             error = f"`cage mission run` did not finish within {MISSION_TIMEOUT_S} s"
@@ -294,6 +296,29 @@ def run_mission(
         agent_calls=read_agent_log(agent_log),
         error=error,
     )
+
+
+def _wait_for_mission(proc: subprocess.Popen[bytes]) -> int:
+    """Wait for ``cage mission run``; on timeout stop it (TimeoutExpired is re-raised)."""
+    try:
+        return proc.wait(timeout=MISSION_TIMEOUT_S)
+    except KeyboardInterrupt:
+        # The same Ctrl-C reached the mission: give it time to stop its agent's process
+        # tree and write its receipt (a second Ctrl-C cuts that short), then stop the demo.
+        try:
+            proc.wait(timeout=INTERRUPT_GRACE_S)
+        except (subprocess.TimeoutExpired, KeyboardInterrupt):
+            proc.kill()
+            proc.wait()
+        raise
+    except subprocess.TimeoutExpired:
+        proc.terminate()  # cage mission run stops its agent and writes a receipt on SIGTERM
+        try:
+            proc.wait(timeout=INTERRUPT_GRACE_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        raise
 
 
 def read_receipt(path: Path) -> tuple[str | None, list[dict[str, Any]], str | None]:
