@@ -226,15 +226,27 @@ def receipt_files(root: str | os.PathLike[str]) -> list[Path]:
     return sorted(p for p in folder.glob(f"*/{RECEIPT_NAME}") if p.is_file())
 
 
-def load_receipts(root: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """Every receipt in the working tree, oldest first (by ``started_at``, then id).
-    A malformed receipt raises ReceiptError naming its file."""
-    receipts = [read_receipt(p) for p in receipt_files(root)]
-    return sorted(receipts, key=lambda r: (r["started_at"], r["id"]))
+def load_receipts(root: str | os.PathLike[str]) -> list[tuple[Path, dict[str, Any]]]:
+    """Every receipt in the working tree as (path, receipt), oldest first (by
+    ``started_at``, then id). A malformed receipt, or one whose id is not its folder's
+    name, raises ReceiptError naming its file."""
+    found = []
+    for path in receipt_files(root):
+        receipt = read_receipt(path)
+        if receipt["id"] != path.parent.name:
+            raise ReceiptError(
+                f"{path}: the receipt's id {receipt['id']!r} is not its folder's name "
+                f"{path.parent.name!r}; it was moved or edited"
+            )
+        found.append((path, receipt))
+    return sorted(found, key=lambda item: (item[1]["started_at"], item[1]["id"]))
 
 
-def find_receipt(root: str | os.PathLike[str], which: str = "latest") -> dict[str, Any]:
-    """The receipt of mission ``which``, or the most recently started one for ``latest``."""
+def find_receipt(
+    root: str | os.PathLike[str], which: str = "latest"
+) -> tuple[Path, dict[str, Any]]:
+    """(path, receipt) of mission ``which``, or of the most recently started one for
+    ``latest``; ReceiptError when there is none."""
     if which == "latest":
         receipts = load_receipts(root)
         if not receipts:
@@ -243,7 +255,8 @@ def find_receipt(root: str | os.PathLike[str], which: str = "latest") -> dict[st
                 "first"
             )
         return receipts[-1]
-    return read_receipt(receipt_path(root, which))
+    path = receipt_path(root, which)
+    return path, read_receipt(path)
 
 
 # ---------------------------------------------------------------------------------------
@@ -303,14 +316,20 @@ def _clean(text: Any) -> str:
 
 def voc_lines(voc: dict[str, Any]) -> list[str]:
     """The Verified Outcome Cost in a few lines of text."""
+    rows = [
+        ("verified spend", money(voc["verified_spend_usd"])),
+        ("total spend", money(voc["total_spend_usd"])),
+        (
+            "bought nothing",
+            f"{money(voc['unverified_spend_usd'])} "
+            f"({_share(voc['unverified_share'])} of the spend)",
+        ),
+        ("per verified outcome", money(voc["cost_per_verified_outcome_usd"])),
+    ]
     lines = [
         f"Verified Outcome Cost over {voc['outcomes']} mission(s), "
         f"{voc['verified_outcomes']} verified (PASS):",
-        f"  verified spend     {money(voc['verified_spend_usd'])}",
-        f"  total spend        {money(voc['total_spend_usd'])}",
-        f"  bought nothing     {money(voc['unverified_spend_usd'])} "
-        f"({_share(voc['unverified_share'])} of the spend)",
-        f"  per verified outcome {money(voc['cost_per_verified_outcome_usd'])}",
+        *(f"  {label:<22}{value}" for label, value in rows),
     ]
     if voc["unpriced_calls"]:
         lines.append(f"  {voc['unpriced_calls']} unpriced call(s) not in the dollar figures")
@@ -386,6 +405,10 @@ def list_lines(receipts: Sequence[dict[str, Any]], voc: dict[str, Any]) -> list[
         lines.append(
             f"{_clean(r['id'])}  {_clean(r['started_at'])}  {r['verdict']:<23}  "
             f"{money(float(r['spend']['total_usd']))}  {r['spend']['calls']} call(s)"
-            + (f"  {r['reasons'][0]['code']}" if r["reasons"] and r["verdict"] != "PASS" else "")
+            + (
+                f"  {_clean(r['reasons'][0]['code'])}"
+                if r["reasons"] and r["verdict"] != "PASS"
+                else ""
+            )
         )
     return [*lines, "", *voc_lines(voc)]
