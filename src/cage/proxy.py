@@ -1050,7 +1050,7 @@ class MeteringProxy:
         upstream: aiohttp.ClientResponse,
         hide_usage: bool,
     ) -> web.StreamResponse:
-        response = web.StreamResponse(
+        response = _HeadersWithBodyResponse(
             status=upstream.status,
             reason=upstream.reason,
             headers=_response_headers(upstream.headers, decoded=True),
@@ -1239,7 +1239,7 @@ class MeteringProxy:
                 f"cage proxy: the {provider} upstream failed: {exc}",
             )
         try:
-            response = web.StreamResponse(
+            response = _HeadersWithBodyResponse(
                 status=upstream.status,
                 reason=upstream.reason,
                 headers=_response_headers(upstream.headers, decoded=False),
@@ -1278,6 +1278,18 @@ if hasattr(aiohttp, "ConnectionTimeoutError"):  # aiohttp >= 3.10: the connect p
 def _NO_COOKIES() -> aiohttp.DummyCookieJar:
     # A proxy must not keep one client's cookies and send them on for another.
     return aiohttp.DummyCookieJar()
+
+
+class _HeadersWithBodyResponse(web.StreamResponse):
+    """A relayed response whose headers leave in the same packet as its first bytes.
+
+    The upstreams send their first event (``message_start``, ``response.created``, the
+    role chunk) right after their headers, so nothing waits longer; the client is woken
+    once instead of twice, a good part of what a proxy adds to time-to-first-byte.
+    (An aiohttp class setting; on a version without it, headers simply go first.)
+    """
+
+    _send_headers_immediately = False
 
 
 async def _write(response: web.StreamResponse, data: bytes) -> bool:
