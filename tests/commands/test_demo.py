@@ -115,9 +115,12 @@ def test_progress_goes_to_stderr(demo_run):
 
 
 def test_text_keep_and_an_unexpected_verdict(monkeypatch, capsys, tmp_path):
-    """The spinner alone, told to expect PASS: text output, --keep, exit 1 with why."""
+    """The spinner alone, told to expect PASS: text output, --keep, exit 1 with why; and as
+    on a fresh `pip install '.[proxy]'`, without pytest: unittest, exit-code evidence."""
     from cage.cli import main
-    from cage.demo import missions
+    from cage.demo import missions, repository
+
+    monkeypatch.setattr(repository, "has_pytest", lambda: False)
 
     monkeypatch.setenv("TMPDIR", str(tmp_path))
     monkeypatch.setattr("tempfile.tempdir", None)  # re-read TMPDIR
@@ -132,6 +135,8 @@ def test_text_keep_and_an_unexpected_verdict(monkeypatch, capsys, tmp_path):
         assert "the agent got HTTP 429 budget_guard: cage budget guard:" in out
         assert "spend, from the demo's own ledger" in out and "claude-sonnet-4-5" in out
         assert "\033[" not in out  # no colour when stdout is not a terminal
+        assert "-m unittest -q tests.test_ops  (evidence: exit-code)" in out
+        assert "pytest is not installed here" in out
         assert "FAILED" in out
         assert "spinner ended BLOCKED, expected PASS" in err
         receipt = kept[0] / "calc" / ".runcap" / "outcomes" / "spinner" / "receipt.json"

@@ -99,7 +99,7 @@ def _paint(text: str, code: str | None, enabled: bool) -> str:
     return f"\033[{code}m{text}\033[0m" if enabled and code else text
 
 
-def _wrapped(first: str, message: str) -> list[str]:
+def _wrapped(first: str, message: str, indent: int = 5) -> list[str]:
     """``first`` + ``message`` on lines fitting the terminal, continued under the message."""
     import shutil
     import textwrap
@@ -109,12 +109,13 @@ def _wrapped(first: str, message: str) -> list[str]:
         text = text[: _MAX_MESSAGE - 3] + "..."
     width = max(60, min(shutil.get_terminal_size((100, 24)).columns, 100))
     return textwrap.wrap(
-        first + text, width=width, subsequent_indent=" " * 5, break_on_hyphens=False
+        first + text, width=width, subsequent_indent=" " * indent, break_on_hyphens=False
     )
 
 
 def _money(value: float) -> str:
-    return f"${value:.4f}"
+    # Mock calls cost fractions of a cent: six places keep every row distinguishable.
+    return f"${value:.6f}"
 
 
 def _print_text(result: Any, *, kept: bool) -> None:
@@ -129,6 +130,16 @@ def _print_text(result: Any, *, kept: bool) -> None:
         f"a ${repository.BUDGET_USD:g} cap per mission, all offline"
     )
     out.append(f"verify command: {result.verify_command}  (evidence: {result.evidence})")
+    if result.evidence == "exit-code":
+        out.extend(
+            _wrapped(
+                "  ",
+                "pytest is not installed here: the tests run under unittest and are judged by "
+                "exit status (VERIFIED_WEAK); with pytest the gate reads a JUnit report "
+                "(VERIFIED_STRONG)",
+                indent=2,
+            )
+        )
     out.append("")
     for number, mission in enumerate(result.missions, start=1):
         scenario = mission.scenario

@@ -159,7 +159,11 @@ class DemoResult:
             "missions": [m.to_dict() for m in self.missions],
             "totals": self.totals,
             "budget_usd": repository.BUDGET_USD,
-            "verify": {"command": self.verify_command, "evidence": self.evidence},
+            "verify": {
+                "command": self.verify_command,
+                "evidence": self.evidence,
+                "runner": "pytest" if self.evidence == "auto" else "unittest",
+            },
             "base": self.base,
             "directory": str(self.directory),
             "repository": str(self.repo),
