@@ -188,3 +188,14 @@ def test_dirty_paths_skip_receipts(worked_on):
     repo.commit("everything")
     with gitio.Repo(repo.path) as r:
         assert r.dirty_paths(skip_prefix=".runcap/outcomes/") == []
+
+
+def test_mission_reason_codes_are_documented_and_distinct_from_the_gates():
+    from pathlib import Path
+
+    from cage import adjudicate
+
+    docs = (Path(mission.__file__).parent.parent.parent / "docs" / "missions.md").read_text()
+    for code in mission.MISSION_REASONS:
+        assert f"`{code}`" in docs, code
+        assert code not in adjudicate.REASON_CODES
