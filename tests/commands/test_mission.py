@@ -418,3 +418,60 @@ def test_no_policy_at_base_is_refused(tmp_path):
     )
     assert done.returncode == 1
     assert ".runcap/mission.yaml does not exist at the base commit" in done.stderr
+
+
+TTY_AGENT = r"""
+import os, sys, time
+line = input("your answer: ")
+with open(sys.argv[1], "w") as fh:
+    fh.write(f"{line}|{os.tcgetpgrp(0) == os.getpgrp()}")
+print("waiting", flush=True)
+time.sleep(60)
+"""
+
+
+def test_interactive_agent_gets_the_terminal_and_ctrl_c(mission, tmp_path):
+    """In a terminal the agent's process group is in the foreground: it reads the terminal
+    (no SIGTTIN stop) and Ctrl-C reaches it; cage records an interrupted mission."""
+    import pty
+    import select
+
+    agent = tmp_path / "tty_agent.py"
+    agent.write_text(TTY_AGENT)
+    seen = tmp_path / "seen.txt"
+    argv = [sys.executable, "-m", "cage", "mission", "run", "--mock", "--id", "tty", "--"]
+    argv += [sys.executable, str(agent), str(seen)]
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: cage in a fresh terminal
+        try:
+            os.chdir(mission.repo.path)
+            os.execve(sys.executable, argv, mission.env)
+        finally:
+            os._exit(127)
+    output = b""
+    answered = interrupted = False
+    deadline = time.monotonic() + 60
+    try:
+        while time.monotonic() < deadline:
+            if select.select([fd], [], [], 0.2)[0]:
+                try:
+                    data = os.read(fd, 4096)
+                except OSError:  # the terminal closed: cage exited
+                    break
+                if not data:
+                    break
+                output += data
+            if b"your answer:" in output and not answered:
+                os.write(fd, b"hello\n")
+                answered = True
+            if b"waiting" in output and not interrupted:
+                os.write(fd, b"\x03")  # Ctrl-C typed on the terminal
+                interrupted = True
+        _, status = os.waitpid(pid, 0)
+    finally:
+        os.close(fd)
+    assert os.waitstatus_to_exitcode(status) == 130, output.decode(errors="replace")
+    assert seen.read_text() == "hello|True"
+    receipt = mission.receipt("tty")
+    assert receipt["agent"]["stopped_by"] == "interrupt"
+    assert codes(receipt) == ["mission_interrupted"]
