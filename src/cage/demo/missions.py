@@ -181,8 +181,6 @@ def child_environment(ledger: Path) -> dict[str, str]:
         if name in _DROP_ENV or name.endswith(_DROP_ENV_SUFFIXES):
             del env[name]
     env["CAGE_LEDGER"] = str(ledger)
-    # Children write their own pyc caches nowhere near the demo repository's snapshot.
-    env["PYTHONDONTWRITEBYTECODE"] = "1"
     return env
 
 
