@@ -737,3 +737,39 @@ def test_cli_without_aiohttp_says_how_to_install_it():
     assert done.returncode == 1
     assert "pip install 'cage-gate[proxy]'" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_compressed_upstream_answer_is_metered_and_relayed_decoded(ledger_path):
+    async def gzipped(request: web.Request) -> web.Response:
+        assert request.headers["Accept-Encoding"] == "gzip, deflate"
+        body = {
+            "id": "chatcmpl-gz",
+            "model": "gpt-4o-mini",
+            "choices": [],
+            "usage": {"prompt_tokens": 70, "completion_tokens": 5},
+        }
+        response = web.json_response(body, headers={"x-request-id": "req_gz"})
+        response.enable_compression(web.ContentCoding.gzip)
+        return response
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", gzipped)
+    server = ServerThread(app)
+    try:
+        with start_proxy_in_thread(
+            mission_id="m-gz",
+            budget_usd=1.0,
+            ledger_path=str(ledger_path),
+            upstream_openai=server.url,
+            upstream_anthropic=server.url,
+        ) as running:
+            status, headers, data = call(
+                running.url, "/v1/chat/completions", chat(), {"Accept-Encoding": "br"}
+            )
+            running.flush()
+    finally:
+        server.stop()
+    assert status == 200 and "content-encoding" not in headers
+    assert json.loads(data)["usage"]["prompt_tokens"] == 70
+    (event,) = events_of(ledger_path, "m-gz")
+    assert (event.input_tokens, event.output_tokens, event.request_id) == (70, 5, "req_gz")
