@@ -728,8 +728,9 @@ def run_mission(options: MissionOptions) -> MissionResult:
             grace_s=options.grace_s,
             stdout_to_stderr=options.agent_stdout_to_stderr,
         )
-        hurry = threading.Event()
-        with _shielded(hurry):
+        # A Ctrl-C from here on is remembered (the replay is then skipped), never lost.
+        late_interrupt = threading.Event()
+        with _shielded(late_interrupt):
             running.flush(timeout=10.0)
             running.stop()
             proxy_spend = running.spend()
@@ -741,7 +742,7 @@ def run_mission(options: MissionOptions) -> MissionResult:
     # The snapshot and the receipt must survive a Ctrl-C; the replay may be interrupted.
     snapshot: Any = None  # gitio.Snapshot
     snapshot_error: str | None = None
-    with _shielded(threading.Event()):
+    with _shielded(late_interrupt):
         try:
             with gitio.Repo(root) as snap_repo:
                 snapshot = snap_repo.snapshot(
@@ -760,6 +761,16 @@ def run_mission(options: MissionOptions) -> MissionResult:
             ),
         )
     interrupted = run.stopped_by == "interrupt"
+    if late_interrupt.is_set() and not interrupted:
+        interrupted = True
+        mission_reasons.insert(
+            0,
+            _reason(
+                "mission_interrupted",
+                "the mission was interrupted after the agent finished; its work is recorded, "
+                "but not verified",
+            ),
+        )
     verdict_doc: dict[str, Any] | None = None
     # Like the CI replay, the adjudication runs only when it can change the verdict: after a
     # stop for budget, runtime or Ctrl-C the mission is BLOCKED whatever the change is.
