@@ -347,3 +347,56 @@ def test_list_tree_lists_every_blob(git_repo):
     entries = Repo(git_repo.path).list_tree(commit)
     assert sorted(e.path for e in entries) == ["a.txt", "d/e/f.txt"]
     assert {e.type for e in entries} == {"blob"}
+
+
+# -- the proxy signs (real proxy, mock upstream) ----------------------------------------------
+
+
+def _chat(url: str) -> int:
+    import urllib.request
+
+    body = json.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]})
+    request = urllib.request.Request(
+        url + "/v1/chat/completions",
+        data=body.encode(),
+        headers={"content-type": "application/json", "authorization": "Bearer sk-test"},
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return response.status
+
+
+def test_proxy_signs_what_it_metered(tmp_path):
+    proxy = pytest.importorskip("cage.proxy")
+    with proxy.start_proxy_in_thread(
+        mission_id="m-proxy",
+        budget_usd=2.0,
+        mock=True,
+        ledger_path=str(tmp_path / "l.db"),
+        attest_key=KEY,
+    ) as running:
+        assert _chat(running.url) == 200 and _chat(running.url) == 200
+        running.flush()
+    statement = running.spend_statement(BASE, TREE)
+    assert attest.verify(statement, KEY, base=BASE, digest=TREE) == (True, "ok")
+    p = statement["payload"]
+    assert p["mission_id"] == "m-proxy" and p["cap_usd"] == 2.0
+    assert p["totals"]["calls"] == 2 and p["truth"]["measured"]["calls"] == 2
+    assert p["totals"]["cost_usd"] == running.spend()["cost_usd"]
+    assert [m["model"] for m in p["by_model"]] == ["gpt-4o-mini"]
+    # The key never appears in the proxy's configuration as printed.
+    assert repr(KEY) not in repr(running._proxy.config)
+
+
+def test_proxy_without_a_key_signs_nothing(tmp_path):
+    proxy = pytest.importorskip("cage.proxy")
+    with proxy.start_proxy_in_thread(
+        mission_id="m", budget_usd=1.0, mock=True, ledger_path=str(tmp_path / "l.db")
+    ) as running:
+        pass
+    assert running.spend_statement(BASE, TREE) is None
+
+
+def test_proxy_refuses_a_short_key(tmp_path):
+    proxy = pytest.importorskip("cage.proxy")
+    with pytest.raises(UsageError, match="at least 16"):
+        proxy.start_proxy_in_thread(mission_id="m", budget_usd=1.0, mock=True, attest_key=b"short")

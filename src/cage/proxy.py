@@ -733,6 +733,9 @@ class ProxyConfig:
     warn_at_tokens: int | None = None
     connect_timeout_s: float = CONNECT_TIMEOUT_S
     read_timeout_s: float = READ_TIMEOUT_S
+    # Signs spend statements (cage.attest). Held here, never passed to the agent, never
+    # shown: repr=False keeps it out of any log line or traceback that prints the config.
+    attest_key: bytes | None = field(default=None, repr=False)
 
 
 def _upstream_base(url: str) -> str:
@@ -1420,6 +1423,25 @@ class RunningProxy:
         snapshot["ledger_write_errors"] = self._proxy.writer.write_errors
         return snapshot
 
+    def spend_statement(self, base: str, digest: str) -> dict[str, Any] | None:
+        """This mission's spend, signed with the proxy's attest key and bound to ``base`` and
+        the change ``digest`` (``attest.change_digest`` of the mission's snapshot); None
+        when the proxy was started without a key. Call it after ``flush()`` or ``stop()``,
+        so that every call is settled."""
+        from cage import attest
+
+        key = self._proxy.config.attest_key
+        if key is None:
+            return None
+        payload = attest.statement_payload(
+            mission_id=self._proxy.config.mission_id or "",
+            base=base,
+            tree=digest,
+            spend=self.spend(),
+            cap_usd=self._proxy.config.budget_usd,
+        )
+        return attest.sign(payload, key)
+
     def flush(self, timeout: float | None = 30.0) -> bool:
         """Wait until the calls in flight have ended and every call is in the ledger.
 
@@ -1461,12 +1483,15 @@ def start_proxy_in_thread(
     warn_at_usd: float | None = None,
     warn_at_tokens: int | None = None,
     read_timeout_s: float = READ_TIMEOUT_S,
+    attest_key: bytes | None = None,
 ) -> RunningProxy:
     """Start a metering proxy on 127.0.0.1 (a free port) in a background thread.
 
     ``budget_usd`` is the hard cap for ``mission_id`` (spend already in the ledger for this
     mission counts), ``max_calls`` the most LLM calls; None means no limit. ``mock`` answers
-    locally instead of calling the real APIs. Raises ProxyError when it cannot start.
+    locally instead of calling the real APIs. ``attest_key`` lets
+    ``RunningProxy.spend_statement`` sign the mission's spend (see ``cage.attest``); a key
+    that is too short is a UsageError. Raises ProxyError when it cannot start.
     """
     config = ProxyConfig(
         host="127.0.0.1",
@@ -1481,7 +1506,12 @@ def start_proxy_in_thread(
         warn_at_usd=warn_at_usd,
         warn_at_tokens=warn_at_tokens,
         read_timeout_s=read_timeout_s,
+        attest_key=attest_key,
     )
+    if attest_key is not None:
+        from cage import attest
+
+        attest.check_key(attest_key, "the proxy's attest_key")
     proxy = MeteringProxy(config)
     proxy.open_ledger()
     loop = asyncio.new_event_loop()
