@@ -67,8 +67,8 @@ if mode == "commit":
     git("add", "src/calc.py")
     git("commit", "-q", "-m", "agent fix")
     write("NOTES.txt", "uncommitted work\n")
-    write("src/extra.py", "X = 1\n")
-    git("add", "src/extra.py")
+    write("src/extra.txt", "X = 1\n")
+    git("add", "src/extra.txt")
     record("state.json", {"head": git("rev-parse", "HEAD").strip(),
                           "cached": git("diff", "--cached"),
                           "status": git("status", "--porcelain")})
@@ -306,9 +306,9 @@ def test_snapshot_leaves_branch_index_and_working_tree_alone(mission):
     assert snap["parent"] == state["head"]
     # The snapshot holds the commit, the staged file and the untracked note alike.
     files = repo.git("ls-tree", "-r", "--name-only", snap["commit"]).split()
-    assert {"src/calc.py", "src/extra.py", "NOTES.txt"} <= set(files)
+    assert {"src/calc.py", "src/extra.txt", "NOTES.txt"} <= set(files)
     assert ".runcap/outcomes/committer/receipt.json" not in files
-    assert {c["path"] for c in receipt["changes"]} == {"src/calc.py", "src/extra.py", "NOTES.txt"}
+    assert {c["path"] for c in receipt["changes"]} == {"src/calc.py", "src/extra.txt", "NOTES.txt"}
     assert receipt["verdict"] == "BLOCKED" and "out_of_scope" in codes(receipt)  # NOTES.txt
 
 
@@ -347,10 +347,10 @@ def test_agent_env_and_secrets_redacted_from_the_receipt(mission):
 
 
 def test_dirty_tree_is_refused_unless_allowed_and_exit_status_does_not_decide(mission):
-    mission.repo.write("src/scratch.py", "Y = 2\n")
+    mission.repo.write("src/scratch.txt", "Y = 2\n")
     done = mission.run("fail", "--id", "dirty")
     assert done.returncode == 1
-    assert "uncommitted changes (src/scratch.py)" in done.stderr
+    assert "uncommitted changes (src/scratch.txt)" in done.stderr
     assert "--allow-dirty" in done.stderr and "Traceback" not in done.stderr
     assert not (mission.repo.path / ".runcap/outcomes/dirty").exists()
     assert not (mission.out / "agent.pid").exists()  # the agent never started
@@ -358,7 +358,7 @@ def test_dirty_tree_is_refused_unless_allowed_and_exit_status_does_not_decide(mi
     assert "counted as the agent's work" in done.stderr
     assert done.returncode == 0, done.stderr
     receipt = mission.receipt("dirty")
-    assert {c["path"] for c in receipt["changes"]} == {"src/scratch.py", "src/calc.py"}
+    assert {c["path"] for c in receipt["changes"]} == {"src/scratch.txt", "src/calc.py"}
     # The agent exited 7: recorded, but the change (which verifies) decides, as it will in CI.
     assert receipt["agent"]["exit_code"] == 7
     assert receipt["verdict"] == "PASS" and codes(receipt) == ["agent_exit_nonzero"]
