@@ -446,3 +446,73 @@ def test_classify_command_files():
     changes = [change("A", "src/check.sh")]
     findings = adj.classify(changes, {"2" * 40: b"exit 0\n"}, policy(), {"src/check.sh"})
     assert [f.code for f in findings] == ["verifier_touched"]
+
+
+@pytest.mark.parametrize(
+    ("path", "module"),
+    [
+        ("src/calc/ops.py", "src/calc"),
+        ("src/anyio/__init__.py", "src/anyio"),
+        ("src/helpers.py", "src/helpers"),
+        ("calc/ops.py", "calc"),
+        ("setup.py", "setup"),
+        ("lib/x/y/z.py", "lib/x"),
+        ("src/calc/data.txt", None),
+    ],
+)
+def test_top_level_module(path, module):
+    assert adj.top_level_module(path) == module
+
+
+def test_new_top_level_module_needs_a_human():
+    changes = [change("A", "src/anyio/__init__.py"), change("A", "src/calc/extra.py")]
+    blobs = {"2" * 40: b"X = 1\n"}
+    found = by_path(adj.classify(changes, blobs, policy(), set(), {"src/anyio"}))
+    assert found == {"src/anyio/__init__.py": {"new_top_level_module"}}
+
+
+@pytest.mark.parametrize(
+    ("data", "codec"),
+    [
+        (b"# -*- coding: utf-7 -*-\nx = 1\n", "utf-7"),
+        (b"#!/usr/bin/python\n# coding=unicode_escape\n", "unicode-escape"),
+        (b"# coding: utf-8\n", None),
+        (b"# -*- coding: UTF_8 -*-\n", None),
+        (b"# coding: utf-8-sig\n", None),
+        (b"x = 1\n# coding: latin-1\n", None),  # after a statement: not a cookie
+    ],
+)
+def test_python_source_encoding(data, codec):
+    assert adj.python_source_encoding("src/a.py", data) == codec
+    if not data.startswith(b"#!"):  # a Python script is Python whatever its name
+        assert adj.python_source_encoding("README.md", data) is None
+
+
+@pytest.mark.parametrize(
+    ("text", "counts"),
+    [
+        ("....\n1 failed, 1 passed in 0.05s\n", {"failed": 1, "passed": 1}),
+        ("==== 2 passed, 1 warning in 0.03s ====\n", {"passed": 2, "warning": 1}),
+        ("3 passed in 61.20s (0:01:01)", {"passed": 3}),
+        ("no tests ran in 0.01s", {}),
+        ("1 passed, 2 errors in 1.0s\ntrailing output", {"passed": 1, "error": 2}),
+        ("nothing like a summary", None),
+    ],
+)
+def test_parse_pytest_summary(text, counts):
+    assert adj.parse_pytest_summary(text) == counts
+
+
+def test_summary_cross_check():
+    base = run(1, report(t__a="failed"))
+    head = run(0, report(t__a="passed"))
+    assert adj.judge_summary(base, head, {"failed": 1}, {"passed": 1}) == []
+    assert codes(adj.judge_summary(base, head, {"failed": 1}, None)) == ["report_unconfirmed"]
+    assert codes(adj.judge_summary(base, head, {"failed": 1}, {"passed": 3})) == [
+        "report_unconfirmed"
+    ]
+    assert codes(adj.judge_summary(base, head, {"failed": 1}, {"passed": 1, "failed": 1})) == [
+        "report_unconfirmed"
+    ]
+    # a base run without pytest's summary (terminal plugin off): nothing to compare
+    assert adj.judge_summary(base, head, None, None) == []

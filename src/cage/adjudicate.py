@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import shlex
 import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -102,6 +103,11 @@ REASON_CODES: dict[str, tuple[int, str]] = {
         RULE_HUMAN,
         "a changed Python file can shadow the test runner or a module the command runs",
     ),
+    "new_top_level_module": (
+        RULE_HUMAN,
+        "an added Python file creates a new top-level module (root, src/, lib/...): it can "
+        "shadow an installed package or test plugin",
+    ),
     "tamper_*": (
         RULE_HUMAN,
         "product code reaches into the verifier at run time (see tamper.py; one code per pattern)",
@@ -124,6 +130,11 @@ REASON_CODES: dict[str, tuple[int, str]] = {
         "the base run wrote a test report and the head run did not",
     ),
     "report_invalid": (RULE_BLOCKED, "the head run's test report is malformed or truncated"),
+    "report_unconfirmed": (
+        RULE_BLOCKED,
+        "the head test report has no matching pytest summary line although the base run "
+        "printed one: the report may be forged",
+    ),
     "no_tests_run": (RULE_BLOCKED, "the head report shows no test that actually ran"),
     "test_skipped": (
         RULE_BLOCKED,
@@ -262,7 +273,44 @@ def content_findings(path: str, data: bytes) -> list[Finding]:
         data.decode("utf-8", "strict")
     except UnicodeDecodeError as exc:
         return [Finding(path, "structural", "not_utf8", f"not valid UTF-8 (byte {exc.start})")]
+    codec = python_source_encoding(path, data)
+    if codec is not None:
+        return [
+            Finding(
+                path,
+                "structural",
+                "not_utf8",
+                f"declares the source encoding {codec!r}: Python reads it differently from the "
+                "bytes a reviewer (and the diff) sees",
+            )
+        ]
     return []
+
+
+# PEP 263: a comment in line 1 or 2 matching this regex sets the codec Python decodes with.
+_CODING_RE = re.compile(rb"^[ \t\f]*#.*?coding[:=][ \t]*([-\w.]+)")
+_UTF8_NAMES = frozenset({"utf-8", "utf8", "u8", "utf", "cp65001"})
+PYTHON_SUFFIXES = (".py", ".pyw", ".pyi")
+
+
+def python_source_encoding(path: str, data: bytes) -> str | None:
+    """The codec a Python file declares when it is not UTF-8 (``# coding: utf-7``), else None.
+
+    A cookie such as ``unicode_escape`` or ``utf-7`` makes Python run code that the byte-level
+    diff and the reviewer see as one harmless line.
+    """
+    script = data.startswith(b"#!") and b"python" in data[:128]
+    if not (path.endswith(PYTHON_SUFFIXES) or script):
+        return None
+    for line in data.split(b"\n", 2)[:2]:
+        match = _CODING_RE.match(line)
+        if match:
+            name = match.group(1).decode("ascii", "replace").lower().replace("_", "-")
+            # utf-8-sig and the like decode the same text
+            return None if name in _UTF8_NAMES or name.startswith("utf-8-") else name
+        if line.strip() and not line.lstrip().startswith(b"#"):
+            return None  # the cookie only counts before the first statement
+    return None
 
 
 def mode_findings(change: Any, allow_deletions: bool) -> list[Finding]:
@@ -380,6 +428,23 @@ def _shadowed_stdlib(path: str) -> str | None:
     return name if name in _stdlib_names() else None
 
 
+def top_level_module(path: str) -> str | None:
+    """``root/name`` of the top-level module a Python path belongs to (``src/calc``), or None.
+
+    The root is the repository root or one of SOURCE_ROOTS; ``name`` is the module or package
+    that ``import name`` would find there.
+    """
+    if not path.endswith(".py"):
+        return None
+    parts = PurePosixPath(path).parts
+    if len(parts) > 1 and parts[0] in SOURCE_ROOTS:
+        root, rest = parts[0], parts[1:]
+    else:
+        root, rest = "", parts
+    name = rest[0][: -len(".py")] if len(rest) == 1 else rest[0]
+    return f"{root}/{name}" if root else name
+
+
 def _verifier_reason(
     path: str, protect: Sequence[str], command_files: set[str]
 ) -> tuple[str, str] | None:
@@ -395,7 +460,8 @@ def _verifier_reason(
     if path in command_files:
         return "verifier_touched", "a file named by the verification command, regression or setup"
     for part in PurePosixPath(path).parts:
-        if part.endswith(PACKAGE_METADATA_SUFFIXES):
+        # importlib.metadata matches these names case-insensitively (`X-1.0.DIST-INFO`).
+        if part.lower().endswith(PACKAGE_METADATA_SUFFIXES):
             return (
                 "package_metadata",
                 f"package metadata ({part}) can register test plugins that run with the tests",
@@ -408,12 +474,14 @@ def classify(
     blobs: Mapping[str, bytes],
     policy: Any,
     command_files: set[str],
+    new_modules: Collection[str] = (),
 ) -> list[Finding]:
     """Findings for every changed path: structural, scope, verifier (or restored), tamper.
 
     ``blobs`` maps blob SHAs to bytes (new side of added/modified regular files, old side of
-    modified ones). ``command_files`` are the repository paths the commands name. Pure: no
-    git, no processes, no working tree.
+    modified ones). ``command_files`` are the repository paths the commands name.
+    ``new_modules`` are the top-level modules (``top_level_module``) the change creates, that
+    did not exist at base. Pure: no git, no processes, no working tree.
     """
     from cage import pathrules, tamper
 
@@ -445,6 +513,14 @@ def classify(
                 verifier = (
                     "shadows_test_module",
                     f"named like the module `{shadow}` the test run imports",
+                )
+            module = top_level_module(path) if change.status == "A" else None
+            if verifier is None and module is not None and module in new_modules:
+                verifier = (
+                    "new_top_level_module",
+                    f"adds the top-level module `{module.rsplit('/', 1)[-1]}`: placed ahead of "
+                    "site-packages on sys.path, it can replace an installed package or test "
+                    "plugin inside the test run",
                 )
             if verifier is not None:
                 code, message = verifier
@@ -682,8 +758,95 @@ def judge_regression(base: Any | None, head: Any | None, evidence: str) -> list[
     return reasons
 
 
-def judge_replay(base: Any, head: Any | None, verification: Any) -> tuple[list[Reason], str]:
-    """Reasons and verification status from the base and head ``SideResult`` of a replay."""
+# pytest's closing line: "1 failed, 2 passed, 1 warning in 0.05s" (with -q) or the same
+# between "=" rulers; long runs add "(0:01:05)".
+_SUMMARY_RE = re.compile(
+    r"^=*\s*(?P<body>(?:\d+ [a-z]+(?:, )?)+|no tests ran) in [\d.]+s(?: \([\d:]+\))?\s*=*\s*$"
+)
+SUMMARY_TAIL_BYTES = 16 * 1024
+
+
+def parse_pytest_summary(text: str) -> dict[str, int] | None:
+    """Counts from the last pytest summary line in ``text`` ({"passed": 2, ...}), or None."""
+    for line in reversed(text.splitlines()):
+        match = _SUMMARY_RE.match(line.strip())
+        if match:
+            counts: dict[str, int] = {}
+            body = match.group("body")
+            if body != "no tests ran":
+                for item in body.split(", "):
+                    number, word = item.split(" ", 1)
+                    word = {"errors": "error", "warnings": "warning"}.get(word, word)
+                    counts[word] = counts.get(word, 0) + int(number)
+            return counts
+    return None
+
+
+def pytest_summary_of(result: Any) -> dict[str, int] | None:
+    """The pytest summary at the end of a run's stdout log (read while the log exists)."""
+    path = getattr(result, "stdout_path", None)
+    if path is None:
+        return None
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            fh.seek(max(0, fh.tell() - SUMMARY_TAIL_BYTES))
+            return parse_pytest_summary(fh.read().decode("utf-8", "replace"))
+    except OSError:
+        return None
+
+
+def judge_summary(
+    base: Any,
+    head: Any,
+    base_summary: dict[str, int] | None,
+    head_summary: dict[str, int] | None,
+) -> list[Reason]:
+    """Cross-check the head report against pytest's own closing line.
+
+    pytest writes its JUnit report and then its summary line at the end of the session.
+    Product code that forges the report and ends the process early leaves no summary (or
+    one that disagrees with the report). Only applied when the base run printed a summary:
+    the command is then known to let pytest's terminal output through.
+    """
+    if base_summary is None or head is None or head.report is None:
+        return []
+    name = head.name
+    if head_summary is None:
+        return [
+            Reason(
+                "report_unconfirmed",
+                f"the {name} run at head has a test report but no pytest summary line, "
+                "although the base run printed one: the report may not come from pytest",
+            )
+        ]
+    counts = head.report.counts
+    passed = head_summary.get("passed", 0) + head_summary.get("xpassed", 0)
+    bad = head_summary.get("failed", 0) + head_summary.get("error", 0)
+    if passed != counts.get("passed", 0) or (bad == 0) != (
+        counts.get("failed", 0) + counts.get("error", 0) == 0
+    ):
+        return [
+            Reason(
+                "report_unconfirmed",
+                f"the {name} report at head ({counts.get('passed', 0)} passed) disagrees "
+                f"with pytest's summary line ({passed} passed, {bad} failed or errors)",
+            )
+        ]
+    return []
+
+
+def judge_replay(
+    base: Any,
+    head: Any | None,
+    verification: Any,
+    summary_of: Callable[[Any], dict[str, int] | None] | None = None,
+) -> tuple[list[Reason], str]:
+    """Reasons and verification status from the base and head ``SideResult`` of a replay.
+
+    ``summary_of`` reads pytest's summary line of a run (``pytest_summary_of``); without it
+    the report is not cross-checked against pytest's own output.
+    """
     evidence = verification.evidence
     reasons = judge_setup(base)
     if reasons:
@@ -695,8 +858,20 @@ def judge_replay(base: Any, head: Any | None, verification: Any) -> tuple[list[R
         if reasons:
             return reasons, UNVERIFIED
     reasons, strong = judge_command(base.command, head.command if head else None, evidence)
+    if not reasons and summary_of is not None and evidence != "exit-code" and head is not None:
+        reasons = judge_summary(
+            base.command, head.command, summary_of(base.command), summary_of(head.command)
+        )
     if not reasons and verification.regression:
         reasons = judge_regression(base.regression, head.regression if head else None, evidence)
+        checkable = head is not None and base.regression is not None
+        if not reasons and summary_of is not None and evidence != "exit-code" and checkable:
+            reasons = judge_summary(
+                base.regression,
+                head.regression,
+                summary_of(base.regression),
+                summary_of(head.regression) if head.regression else None,
+            )
     for side in (base, head):
         if side is None:
             continue
@@ -1009,7 +1184,7 @@ def _adjudicate(
     # A file the command names that is absent at base and added by the change is the
     # verifier too: otherwise "run ./check.sh" fails at base and the change supplies it.
     command_files |= {c.path for c in changes if c.path in candidates}
-    findings = classify(changes, blobs, policy, command_files)
+    findings = classify(changes, blobs, policy, command_files, _new_modules(repo, base, changes))
     timings["classify_s"] = time.monotonic() - clock
 
     reasons = [f.reason() for f in findings]
@@ -1052,6 +1227,23 @@ def _adjudicate(
         spend=spend,
         timings=timings,
     )
+
+
+MAX_MODULE_LOOKUPS = 64
+
+
+def _new_modules(repo: Any, base: str, changes: Sequence[Any]) -> set[str]:
+    """Top-level modules the change adds that do not exist at base (one lookup per name)."""
+    wanted = sorted(
+        {m for c in changes if c.status == "A" for m in [top_level_module(c.path)] if m}
+    )
+    if len(wanted) > MAX_MODULE_LOOKUPS:
+        return set(wanted)  # too many to look up one by one: all count as new (fail closed)
+    new = set()
+    for module in wanted:
+        if repo.entry_at(base, module) is None and repo.entry_at(base, module + ".py") is None:
+            new.add(module)
+    return new
 
 
 def _replay(
@@ -1109,9 +1301,10 @@ def _replay(
                 "base": _command_dict(base_side.regression),
                 "head": _command_dict(head_side.regression) if head_side else None,
             }
+        # Judged while the logs exist: pytest's summary lines are read from them.
+        return judge_replay(base_side, head_side, v, pytest_summary_of)
     finally:
         shutil.rmtree(log_dir, ignore_errors=True)
-    return judge_replay(base_side, head_side, v)
 
 
 def _switch_and_freeze(worktree: Any, head: str, base: str, restored: list[str]) -> None:

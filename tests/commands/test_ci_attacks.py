@@ -155,6 +155,9 @@ def test_compiled_extension_is_structural(project, capsys):
         "src/TESTS/test_extra.py",
         "src/textwrap.py",  # shadows the standard library inside the pytest process
         "src/inspect/__init__.py",
+        "src/CALC_PLUGIN-1.0.DIST-INFO/entry_points.txt",  # found case-insensitively
+        "src/anyio/__init__.py",  # a new top-level package can replace an installed plugin
+        "src/helpers.py",
     ],
 )
 def test_ways_into_the_test_process_without_tamper_need_a_human(project, capsys, path):
@@ -166,6 +169,7 @@ def test_ways_into_the_test_process_without_tamper_need_a_human(project, capsys,
         "verifier_touched",
         "package_metadata",
         "shadows_test_module",
+        "new_top_level_module",
         "tamper_shadows_test_framework_module",
     }
 
@@ -262,7 +266,7 @@ def test_1500_files_out_of_scope(project, capsys):
 def test_1500_files_in_scope_are_read_and_scanned(project, capsys):
     project.fix()
     for i in range(1500):
-        project.write(f"src/gen/m{i:04d}.py", f"VALUE = {i}\n")
+        project.write(f"src/calc/gen/m{i:04d}.py", f"VALUE = {i}\n")
     code, doc, _ = adjudicate(capsys, project, project.commit("1500 modules"))
     assert code == 0, doc["reasons"][:3]
     assert len(doc["changes"]) == 1501
@@ -496,3 +500,60 @@ def test_undecodable_path_bytes_do_not_crash_any_output(project, capsys, tmp_pat
     out = capsys.readouterr().out
     assert "docs/caf\\udcff.md" in out or "docs/caf\\xff.md" in out
     assert "caf" in (tmp_path / "summary.md").read_text()
+
+
+@pytest.mark.parametrize(
+    "cookie",
+    [
+        b"# -*- coding: utf-7 -*-\n",
+        b"# coding=unicode_escape\n",
+        b"#!/usr/bin/env python\n# vim: fileencoding=latin-1\n",
+    ],
+)
+def test_source_encoding_cookie_is_structural(project, capsys, cookie):
+    """Python decodes with the declared codec; the diff and the reviewer see other code."""
+    project.write("src/calc/ops.py", cookie + OPS_FIXED.encode())
+    code, doc, _ = adjudicate(capsys, project, project.commit("cookie"))
+    assert code == 1
+    assert finding_codes(doc, "src/calc/ops.py") == {"not_utf8"}
+
+
+def test_new_module_inside_an_existing_package_is_fine(project, capsys):
+    project.write("src/calc/helpers.py", "def plus(a, b):\n    return a + b\n")
+    project.write(
+        "src/calc/ops.py",
+        "from calc.helpers import plus\n\n\ndef add(a, b):\n    return plus(a, b)\n\n\n"
+        "def mul(a, b):\n    return a * b\n",
+    )
+    code, doc, _ = adjudicate(capsys, project, project.commit("fix with a helper"))
+    assert code == 0, doc["reasons"]
+
+
+FORGED_REPORT = (
+    '<?xml version="1.0" encoding="utf-8"?><testsuites><testsuite name="pytest" errors="0" '
+    'failures="0" skipped="0" tests="2">'
+    '<testcase classname="tests.test_ops" name="test_add"/>'
+    '<testcase classname="tests.test_ops" name="test_add_zero"/>'
+    "</testsuite></testsuites>"
+)
+FORGER = (
+    "import os\n"
+    f"REPORT = {FORGED_REPORT!r}\n"
+    "for _v in list(os.environ.values()):\n"
+    "    for _w in _v.split():\n"
+    "        if _w.startswith('--junitxml='):\n"
+    "            with open(_w.split('=', 1)[1].strip(\"'\"), 'w') as _f:\n"
+    "                _f.write(REPORT)\n"
+    "            os._exit(0)\n"
+)
+
+
+def test_forged_report_through_a_channel_the_scanner_cannot_read(project, capsys):
+    """hook.txt writes a passing report and exits 0: pytest's own summary line is missing."""
+    _with_exec_channel(project)
+    project.write("src/calc/hook.txt", FORGER)
+    code, doc, _ = adjudicate(capsys, project, project.commit("forge from data"))
+    assert code == 1, doc["reasons"]
+    head = doc["verification"]["head"]["command"]
+    assert head["exit_code"] == 0 and head["tests"]["passed"] == 2  # the forgery "worked"
+    assert codes(doc) >= {"report_unconfirmed"}
