@@ -516,3 +516,9 @@ def test_summary_cross_check():
     ]
     # a base run without pytest's summary (terminal plugin off): nothing to compare
     assert adj.judge_summary(base, head, None, None) == []
+
+
+def test_finding_reason_names_the_place_once():
+    assert Finding("a.py", "tamper", "tamper_x", "a.py:3: bad", 3).reason().message == "a.py:3: bad"
+    assert Finding("a.py", "tamper", "tamper_x", "bad", 3).reason().message == "a.py:3: bad"
+    assert Finding("a.py", "scope", "out_of_scope", "outside").reason().message == "a.py: outside"

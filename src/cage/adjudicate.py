@@ -203,8 +203,10 @@ class Finding:
         return out
 
     def reason(self) -> Reason:
-        """The finding as a verdict reason."""
+        """The finding as a verdict reason (message prefixed with ``path[:line]: ``, once)."""
         where = f"{self.path}:{self.line}" if self.line is not None else self.path
+        if self.message.startswith(f"{where}: "):
+            return Reason(self.code, self.message, self.path)
         return Reason(self.code, f"{where}: {self.message}", self.path)
 
 
