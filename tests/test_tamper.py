@@ -315,6 +315,69 @@ CASES: list[tuple[str, str, str]] = [
         "with open(NAME) as f:\n    DATA = f.read()\n",
     ),
     ("fakes_module_name", "__name__ = '__main__'\n", "NAME = __name__\n"),
+    # Red-team additions (docs/redteam.md): names assembled from literals, modules passed
+    # around as values, pytest hooks, coding cookies, equality on builtin subclasses.
+    (
+        "detects_test_run",
+        "import sys\ndef f():\n    return ('py' + 'test') in sys.modules\n",
+        "import sys\ndef f():\n    return ('js' + 'on') in sys.modules\n",
+    ),
+    (
+        "names_harness_file",
+        "def f(v):\n    return v.startswith('--jun' + 'itxml=')\n",
+        "def f(v):\n    return v.startswith('--ver' + 'bose')\n",
+    ),
+    (
+        "names_harness_file",
+        "import os\ndef f():\n    return '/cage-wt-' in os.getcwd()\n",
+        "import os\ndef f():\n    return '/cage/' in os.getcwd()\n",
+    ),
+    (
+        "aliases_runtime_module",
+        "import os\ndef add(a, b, _o=os):\n    return _o.getcwd()\n",
+        "import os\ndef here():\n    return os.getcwd()\n",
+    ),
+    (
+        "aliases_runtime_module",
+        "import importlib\ndef f():\n    m = importlib.import_module('o' + 's')\n    return m\n",
+        "import importlib\ndef f(name):\n    return importlib.import_module(name)\n",
+    ),
+    (
+        "aliases_runtime_module",
+        "import shutil\nMODS = [shutil.os]\n",
+        "import os\nSEP = os.sep\nalias = os\nHAS = hasattr(os, 'fork')\n",
+    ),
+    (
+        "defines_test_hook",
+        "def pytest_collection_modifyitems(items):\n    pass\n",
+        "def collect_items(items):\n    pass\n",
+    ),
+    (
+        "defines_test_hook",
+        "globals()['pytest_' + 'configure'] = print\n",
+        "NAME = 'pytest-style output'\n",
+    ),
+    (
+        "source_encoding",
+        "# -*- coding: unicode_escape -*-\nx = 1\\ny = 2\n",
+        "# -*- coding: latin-1 -*-\nx = 1\n",
+    ),
+    (
+        "always_equal",
+        "class N(int):\n    def __eq__(self, other):\n        return int(self) == other\n",
+        "class N:\n    def __eq__(self, other):\n"
+        "        return isinstance(other, N) and other.v == self.v\n",
+    ),
+    (
+        "always_equal",
+        "class N:\n    def __eq__(self, other):\n        del other\n        return not False\n",
+        "class N:\n    def __eq__(self, other):\n        return other is self\n",
+    ),
+    (
+        "always_equal",
+        "class N:\n    def __eq__(self, other):\n        return other == other or True\n",
+        "class N:\n    def __ne__(self, other):\n        return not self == other\n",
+    ),
 ]
 
 
@@ -615,3 +678,19 @@ def test_git_change_honest_fix_and_forged_pass(git_repo) -> None:
     assert [(f.path, f.line, f.code) for f in found] == [
         ("src/calc/ops.py", 5, "ends_process_from_hook")
     ]
+
+
+def test_coding_cookie_makes_the_whole_file_judged() -> None:
+    """unicode_escape turns a `\\n` on one changed line into code on unchanged lines."""
+    old = b"def add(a, b):\n    return a - b\n"
+    new = b"# coding: unicode_escape\n" + old + b"pass\\nimport os\\nos._exit(0)\n"
+    found = {f.code for f in scan_change(PATH, old, new)}
+    assert {"source_encoding", "ends_process_at_import"} <= found
+
+
+def test_folding_long_concatenations_stays_linear() -> None:
+    chain = " + ".join(["'a'"] * 400) + " + 'PYTEST_ADDOPTS'"
+    found = scan_change(PATH, None, f"import os\nX = {chain}\n".encode())
+    assert [f.code for f in found] == []  # 400 a's then the name: not the bare variable
+    found = scan_change(PATH, None, b"X = 'PYTEST' + '_' + 'ADDOPTS'\n")
+    assert [f.code for f in found] == ["detects_test_run"]

@@ -18,7 +18,9 @@ import ast
 import bisect
 import builtins
 import difflib
+import io
 import re
+import tokenize
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -123,6 +125,7 @@ CI_ENV_PREFIXES = ("GITHUB_", "RUNNER_", "ACTIONS_")
 PYTEST_ENV_RE = re.compile(r"^_?PYTEST(_[A-Z0-9_]*)?$")
 HARNESS_FILE_RE = re.compile(
     r"junit|\.pytest_cache|conftest|sitecustomize|usercustomize|pytest\.ini|\.runcap"
+    r"|cage-wt-|cage-logs-"
     r"|\.pth$|(?<![a-z])(report|results?|tests?)(?![a-z])[^/\\]*\.xml$",
     re.IGNORECASE,
 )
@@ -240,6 +243,12 @@ class Module:
     writes_files: set[str] = field(default_factory=set)
     # Nodes live as long as the scan, so their ids are stable keys.
     _resolved: dict[int, str | None] = field(default_factory=dict)
+    _folded: dict[int, str | None] = field(default_factory=dict)
+    # Ids of expressions whose value is only looked into (`x.attr`, `x(...)`, `getattr(x,
+    # ...)`) or bound to a plain name the resolver follows: not passed around as values.
+    looked_into: set[int] = field(default_factory=set)
+    # Sub-expression id -> the string expression it is part of (judged whole when it folds).
+    string_parent: dict[int, ast.AST] = field(default_factory=dict)
     callees: dict[str, list[str]] = field(default_factory=dict)  # local call graph
     bound: dict[str, ast.AST] = field(default_factory=dict)  # `name = other.name` bindings
     _resolving: set[str] = field(default_factory=set)
@@ -265,7 +274,7 @@ class Module:
                 node = node.value
             elif (
                 isinstance(node, ast.Subscript)
-                and _is_str(node.slice)
+                and self.fold(node.slice) is not None
                 and (
                     (isinstance(node.value, ast.Attribute) and node.value.attr == "__dict__")
                     or (
@@ -276,25 +285,27 @@ class Module:
                 )
             ):
                 # os.__dict__["_exit"] and vars(os)["_exit"] are os._exit.
-                parts.append(node.slice.value)  # type: ignore[attr-defined]
+                parts.append(self.fold(node.slice))  # type: ignore[arg-type]
                 value = node.value
                 node = value.value if isinstance(value, ast.Attribute) else value.args[0]  # type: ignore[attr-defined]
             elif (
                 isinstance(node, ast.Subscript)
-                and _is_str(node.slice)
+                and self.fold(node.slice) is not None
                 and self.resolve(node.value) == "sys.modules"
             ):
-                parts.append(node.slice.value)  # type: ignore[attr-defined]
+                parts.append(self.fold(node.slice))  # type: ignore[arg-type]
                 break  # sys.modules["os"] is os
             elif isinstance(node, ast.Call) and _call_name_raw(node) == "getattr":
-                if len(node.args) < 2 or not _is_str(node.args[1]):
+                attr = self.fold(node.args[1]) if len(node.args) >= 2 else None
+                if attr is None:
                     return None
-                parts.append(node.args[1].value)  # type: ignore[attr-defined]
+                parts.append(attr)
                 node = node.args[0]
             elif isinstance(node, ast.Call) and self.resolve(node.func) in IMPORT_CALLS:
-                if not node.args or not _is_str(node.args[0]):
+                name = self.fold(node.args[0]) if node.args else None
+                if name is None:
                     return None
-                parts.append(node.args[0].value)  # type: ignore[attr-defined]
+                parts.append(name)
                 break
             elif isinstance(node, ast.Name):
                 base = node.id
@@ -324,7 +335,41 @@ class Module:
                 break
             else:
                 return None
-        return ".".join(reversed(parts))
+        return _through_module_attribute(".".join(reversed(parts)))
+
+    def fold(self, node: ast.AST) -> str | None:
+        """The string a constant expression evaluates to (``"py" + "test"``), else None.
+
+        A ``+`` chain is folded once along its spine, every link cached, so judging each
+        link of a long chain stays linear.
+        """
+        key = id(node)
+        if key in self._folded:
+            return self._folded[key]
+        if not (isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add)):
+            self._folded[key] = fold_str(node)
+            return self._folded[key]
+        spine = []
+        link: ast.AST = node
+        while isinstance(link, ast.BinOp) and isinstance(link.op, ast.Add):
+            if id(link) in self._folded:
+                break
+            spine.append(link)
+            link = link.left
+        acc = self._folded[id(link)] if id(link) in self._folded else fold_str(link)
+        for item in reversed(spine):
+            right = fold_str(item.right) if acc is not None else None  # type: ignore[attr-defined]
+            if acc is None or right is None or len(acc) + len(right) > FOLD_LIMIT:
+                acc = None
+            else:
+                acc += right
+            self._folded[id(item)] = acc
+        return acc
+
+    @property
+    def inner_strings(self) -> _InnerStrings:
+        """Sub-expressions of a string expression that folds (judged as part of it)."""
+        return _InnerStrings(self)
 
     def _star(self, name: str) -> str | None:
         for module in self.star_modules:
@@ -376,6 +421,134 @@ _STORES = (ast.Assign, ast.AugAssign, ast.AnnAssign, ast.Delete)
 
 def _is_str(node: ast.AST) -> bool:
     return isinstance(node, ast.Constant) and isinstance(node.value, str)
+
+
+FOLD_LIMIT = 10_000  # longest string constant folding builds
+_STR_METHODS = frozenset(
+    {"lower", "upper", "strip", "lstrip", "rstrip", "casefold", "title", "capitalize", "swapcase"}
+)
+
+
+def _const_int(node: ast.AST) -> int | None:
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+        value = _const_int(node.operand)
+        return None if value is None else -value
+    if isinstance(node, ast.Constant) and type(node.value) is int:
+        return node.value
+    return None
+
+
+def fold_str(node: ast.AST, depth: int = 0) -> str | None:
+    """The string a constant expression evaluates to, else None.
+
+    Names the rules look for can be assembled so that no literal holds them:
+    ``"py" + "test"``, ``f"{'PYTEST'}_ADDOPTS"``, ``"".join(["ju", "nit"])``,
+    ``"tsetyp"[::-1]``, ``chr(112)``, ``"PyTest".lower()``. Only literals take part (no
+    variables), so this never runs code; chains of ``+`` are walked without recursion.
+    """
+    if depth > 50:
+        return None
+    if isinstance(node, ast.Constant):
+        return node.value if isinstance(node.value, str) else None
+    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add):
+        operands = []
+        while isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add):
+            operands.append(node.right)
+            node = node.left
+        operands.append(node)
+        pieces, size = [], 0
+        for operand in reversed(operands):
+            piece = fold_str(operand, depth + 1)
+            if piece is None:
+                return None
+            size += len(piece)
+            if size > FOLD_LIMIT:
+                return None
+            pieces.append(piece)
+        return "".join(pieces)
+    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Mult):
+        text, count = node.left, node.right
+        if _const_int(text) is not None:
+            text, count = count, text
+        folded, times = fold_str(text, depth + 1), _const_int(count)
+        if folded is None or times is None or len(folded) * max(times, 0) > FOLD_LIMIT:
+            return None
+        return folded * times
+    if isinstance(node, ast.JoinedStr):
+        pieces = []
+        for value in node.values:
+            if isinstance(value, ast.FormattedValue):
+                if value.conversion != -1 or value.format_spec is not None:
+                    return None
+                value = value.value
+            piece = fold_str(value, depth + 1)
+            if piece is None:
+                return None
+            pieces.append(piece)
+        return "".join(pieces)
+    if isinstance(node, ast.Subscript):
+        text = fold_str(node.value, depth + 1)
+        if text is None:
+            return None
+        index = node.slice
+        if isinstance(index, ast.Slice):
+            bounds = []
+            for bound in (index.lower, index.upper, index.step):
+                value = None if bound is None else _const_int(bound)
+                if bound is not None and value is None:
+                    return None
+                bounds.append(value)
+            return None if bounds[2] == 0 else text[slice(*bounds)]
+        at = _const_int(index)
+        return text[at] if at is not None and -len(text) <= at < len(text) else None
+    if isinstance(node, ast.Call) and not node.keywords:
+        func, args = node.func, node.args
+        if isinstance(func, ast.Name) and len(args) == 1:
+            if func.id == "chr":
+                code = _const_int(args[0])
+                return chr(code) if code is not None and 0 <= code < 0x110000 else None
+            if func.id == "str":
+                return fold_str(args[0], depth + 1)
+        if isinstance(func, ast.Attribute):
+            if (
+                func.attr == "join"
+                and len(args) == 1
+                and isinstance(args[0], (ast.List, ast.Tuple))
+            ):
+                sep = fold_str(func.value, depth + 1)
+                items = [fold_str(item, depth + 1) for item in args[0].elts]
+                if sep is None or any(item is None for item in items):
+                    return None
+                joined = sep.join(items)  # type: ignore[arg-type]
+                return joined if len(joined) <= FOLD_LIMIT else None
+            if func.attr in _STR_METHODS and not args:
+                base = fold_str(func.value, depth + 1)
+                return None if base is None else getattr(base, func.attr)()
+            if func.attr == "replace" and len(args) == 2:
+                base, old, new = (fold_str(n, depth + 1) for n in (func.value, *args))
+                if base is None or old is None or new is None:
+                    return None
+                replaced = base.replace(old, new)
+                return replaced if len(replaced) <= FOLD_LIMIT else None
+    return None
+
+
+# Modules that end, replace or inspect the process. Reached as an attribute of another
+# module (``shutil.os``, ``tempfile._os``, ``os.sys``) they are still themselves.
+_REACHABLE_MODULES = frozenset(
+    {"os", "posix", "sys", "builtins", "signal", "subprocess", "ctypes", "gc", "inspect"}
+    | {"importlib", "atexit", "_thread", "threading"}
+)
+
+
+def _through_module_attribute(name: str) -> str:
+    """``shutil.os._exit`` -> ``os._exit``: a module reached through another module."""
+    parts = name.split(".")
+    for i in range(1, len(parts)):
+        bare = parts[i].lstrip("_") if parts[i] != "_thread" else parts[i]
+        if bare in _REACHABLE_MODULES and not (i == 1 and bare == parts[0]):
+            return ".".join([bare, *parts[i + 1 :]])
+    return name
 
 
 def _fails_for_sure(args: list[ast.expr]) -> bool:
@@ -507,9 +680,9 @@ def _m_imports_test_framework(node: ast.AST, scope: Scope, module: Module) -> st
         isinstance(node, ast.Call)
         and module.resolve(node.func) in IMPORT_CALLS
         and node.args
-        and _is_str(node.args[0])
+        and module.fold(node.args[0]) is not None
     ):
-        names = [node.args[0].value]  # type: ignore[attr-defined]
+        names = [module.fold(node.args[0])]  # type: ignore[list-item]
     for name in names:
         root = _root(name)
         if root in TEST_FRAMEWORK_MODULES or root.startswith("pytest_"):
@@ -541,25 +714,36 @@ def _names_test_framework(text: str) -> bool:
 
 
 def _m_detects_test_run(node: ast.AST, scope: Scope, module: Module) -> str | None:
-    if _is_str(node) and PYTEST_ENV_RE.match(node.value):  # type: ignore[attr-defined]
-        return f"names the pytest variable {node.value!r}"  # type: ignore[attr-defined]
+    text = _folded_text(node, module)
+    if text is not None and PYTEST_ENV_RE.match(text):
+        return f"names the pytest variable {text!r}"
     if isinstance(node, ast.Compare):
         for operand in [node.left, *node.comparators]:
-            if _is_str(operand) and _names_test_framework(operand.value):  # type: ignore[attr-defined]
-                return f"compares against {operand.value!r}"  # type: ignore[attr-defined]
-    if (
-        isinstance(node, ast.Subscript)
-        and module.resolve(node.value) == "sys.modules"
-        and _is_str(node.slice)
-        and _names_test_framework(node.slice.value)  # type: ignore[attr-defined]
-    ):
-        return f"looks up sys.modules[{node.slice.value!r}]"  # type: ignore[attr-defined]
+            text = module.fold(operand)
+            if text is not None and _names_test_framework(text):
+                return f"compares against {text!r}"
+    if isinstance(node, ast.Subscript) and module.resolve(node.value) == "sys.modules":
+        text = module.fold(node.slice)
+        if text is not None and _names_test_framework(text):
+            return f"looks up sys.modules[{text!r}]"
     if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
         probe = node.func.attr in {"get", "endswith", "startswith", "find", "index", "count"}
         for arg in node.args[:1]:
-            if probe and _is_str(arg) and _names_test_framework(arg.value):  # type: ignore[attr-defined]
-                return f"probes for {arg.value!r}"  # type: ignore[attr-defined]
+            text = module.fold(arg) if probe else None
+            if text is not None and _names_test_framework(text):
+                return f"probes for {text!r}"
     return None
+
+
+# Expressions that can evaluate to a constant string; a `+` chain is judged once, whole.
+_FOLDABLE = (ast.Constant, ast.BinOp, ast.JoinedStr, ast.Subscript, ast.Call)
+
+
+def _folded_text(node: ast.AST, module: Module) -> str | None:
+    """The constant string ``node`` evaluates to, judged at the outermost expression."""
+    if not isinstance(node, _FOLDABLE) or id(node) in module.inner_strings:
+        return None
+    return module.fold(node)
 
 
 def _env_key(node: ast.AST, module: Module) -> ast.AST | None:
@@ -583,10 +767,9 @@ def _env_key(node: ast.AST, module: Module) -> ast.AST | None:
 
 def _m_reads_ci_environment(node: ast.AST, scope: Scope, module: Module) -> str | None:
     key = _env_key(node, module)
-    if key is not None and _is_str(key):
-        value = key.value  # type: ignore[attr-defined]
-        if value in CI_ENV_EXACT or value.startswith(CI_ENV_PREFIXES):
-            return f"reads the CI variable {value!r}"
+    value = module.fold(key) if key is not None else None
+    if value is not None and (value in CI_ENV_EXACT or value.startswith(CI_ENV_PREFIXES)):
+        return f"reads the CI variable {value!r}"
     return None
 
 
@@ -601,8 +784,40 @@ def _m_mutates_environment_at_import(node: ast.AST, scope: Scope, module: Module
 
 
 def _m_names_harness_file(node: ast.AST, scope: Scope, module: Module) -> str | None:
-    if _is_str(node) and HARNESS_FILE_RE.search(node.value):  # type: ignore[attr-defined]
-        return f"names the harness file {node.value[:60]!r}"  # type: ignore[attr-defined]
+    text = _folded_text(node, module)
+    if text is not None and HARNESS_FILE_RE.search(text):
+        return f"names the harness file {text[:60]!r}"
+    return None
+
+
+def _m_aliases_runtime_module(node: ast.AST, scope: Scope, module: Module) -> str | None:
+    if id(node) in module.looked_into:
+        return None
+    if isinstance(node, ast.Name) and not isinstance(node.ctx, ast.Load):
+        return None
+    if isinstance(node, ast.Call) and module.resolve(node.func) not in IMPORT_CALLS:
+        return None
+    name = module.resolve(node)
+    if name in RUNTIME_MODULES:
+        return f"passes the module {name} around as a value"
+    return None
+
+
+HOOK_NAME_RE = re.compile(r"^pytest_[a-z0-9_]+$")
+
+
+def _m_defines_test_hook(node: ast.AST, scope: Scope, module: Module) -> str | None:
+    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+        if HOOK_NAME_RE.match(node.name):
+            return f"defines {node.name}"
+        return None
+    for target in _stores(node):
+        name = target.id if isinstance(target, ast.Name) else getattr(target, "attr", None)
+        if name and HOOK_NAME_RE.match(name):
+            return f"binds {name}"
+    text = _folded_text(node, module)
+    if text is not None and HOOK_NAME_RE.match(text):
+        return f"names the hook {text!r}"
     return None
 
 
@@ -845,7 +1060,85 @@ def _ignores_operands(value: ast.AST | None, args: ast.arguments) -> bool:
     return not any(isinstance(n, ast.Name) and n.id in params for n in ast.walk(value))
 
 
+# Value types whose equality tests compare against: a subclass redefining it fools them.
+BUILTIN_VALUE_TYPES = frozenset(
+    {"int", "float", "complex", "str", "bytes", "bool", "list", "tuple", "dict", "set"}
+    | {"frozenset", "bytearray", "decimal.Decimal", "fractions.Fraction", "Decimal", "Fraction"}
+)
+
+
+def _truth(node: ast.AST | None) -> bool | None:
+    """The truth value an expression has whatever its operands are, if it is that trivial."""
+    if node is None:
+        return None
+    if isinstance(node, ast.Constant):
+        return bool(node.value)
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not):
+        inner = _truth(node.operand)
+        return None if inner is None else not inner
+    if isinstance(node, ast.BoolOp):
+        values = [_truth(v) for v in node.values]
+        if isinstance(node.op, ast.Or):
+            return True if True in values else (False if all(v is False for v in values) else None)
+        return False if False in values else (True if all(v is True for v in values) else None)
+    same = isinstance(node, ast.Compare) and len(node.ops) == 1
+    if same and ast.dump(node.left) == ast.dump(node.comparators[0]):  # type: ignore[attr-defined]
+        op = node.ops[0]  # type: ignore[attr-defined]
+        if isinstance(op, (ast.Is, ast.Eq, ast.LtE, ast.GtE)):
+            return True
+        if isinstance(op, (ast.IsNot, ast.NotEq, ast.Lt, ast.Gt)):
+            return False
+    if isinstance(node, ast.Call) and _call_name_raw(node) == "bool" and len(node.args) == 1:
+        return _truth(node.args[0])
+    if isinstance(node, ast.IfExp):
+        body, orelse = _truth(node.body), _truth(node.orelse)
+        return body if body == orelse else None
+    return None
+
+
+def _always_answers(func: ast.AST, name: str) -> bool:
+    """True when every return of ``__eq__`` is trivially true (``__ne__``: false)."""
+    returns = [n for n in ast.walk(func) if isinstance(n, ast.Return)]
+    if isinstance(func, ast.Lambda):
+        returns = [ast.Return(value=func.body)]
+    want = name == "__eq__"
+    return bool(returns) and all(_truth(r.value) is want for r in returns)
+
+
 def _m_always_equal(node: ast.AST, scope: Scope, module: Module) -> str | None:
+    if isinstance(node, ast.ClassDef):
+        bases = [module.resolve(b) or "" for b in node.bases]
+        builtin = next((b for b in bases if b in BUILTIN_VALUE_TYPES), None)
+        defined = [
+            s
+            for s in node.body
+            if (isinstance(s, (ast.FunctionDef, ast.AsyncFunctionDef)) and s.name in _EQ_NAMES)
+            or any(isinstance(t, ast.Name) and t.id in _EQ_NAMES for t in _stores(s))
+        ]
+        if builtin and defined:
+            return f"redefines equality of a subclass of {builtin}"
+        return None
+    if (
+        isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+        and node.name in _EQ_NAMES
+        and _always_answers(node, node.name)
+    ):
+        return f"{node.name} gives the same answer whatever it compares"
+    if isinstance(node, ast.Assign) and isinstance(node.value, ast.Lambda):
+        for target in node.targets:
+            if (
+                isinstance(target, ast.Name)
+                and target.id in _EQ_NAMES
+                and _always_answers(node.value, target.id)
+            ):
+                return f"{target.id} gives the same answer whatever it compares"
+    return _m_always_equal_by_operands(node, scope, module)
+
+
+_EQ_NAMES = frozenset({"__eq__", "__ne__"})
+
+
+def _m_always_equal_by_operands(node: ast.AST, scope: Scope, module: Module) -> str | None:
     # __eq__ that answers the same whatever it compares, e.g. `return True`, `return 1 == 1`.
     names = {"__eq__", "__ne__"}
     if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name in names:
@@ -911,10 +1204,11 @@ RULES: tuple[Rule, ...] = (
     ),
     Rule(
         "detects_test_run",
-        "looks for pytest: PYTEST_* variables, 'pytest' in sys.modules or sys.argv",
+        "looks for pytest: PYTEST_* variables, 'pytest' in sys.modules or sys.argv (also "
+        "assembled from literals: 'py' + 'test')",
         "code that behaves differently under test passes the test without fixing anything",
         _m_detects_test_run,
-        (ast.Constant, ast.Compare, ast.Subscript, ast.Call),
+        (*_FOLDABLE, ast.Compare),
     ),
     Rule(
         "reads_ci_environment",
@@ -933,10 +1227,11 @@ RULES: tuple[Rule, ...] = (
     Rule(
         "names_harness_file",
         "names a test report or harness file (junit, *.xml reports, .pytest_cache, "
-        "conftest, sitecustomize, *.pth, .runcap)",
+        "conftest, sitecustomize, *.pth, .runcap, cage's worktree and log folders), "
+        "also when the name is assembled from literals ('--jun' + 'itxml')",
         "writing the report or a start-up hook from product code forges the evidence",
         _m_names_harness_file,
-        (ast.Constant,),
+        _FOLDABLE,
     ),
     Rule(
         "touches_site_packages",
@@ -1062,10 +1357,28 @@ RULES: tuple[Rule, ...] = (
     ),
     Rule(
         "always_equal",
-        "__eq__ that is just 'return True' or __ne__ that is just 'return False'",
+        "__eq__ that is trivially true (return True, x is x, ... or True) or ignores its "
+        "operands, __ne__ trivially false; a subclass of int/str/... redefining equality",
         "a value equal to anything passes `assert f(x) == expected` without a fix",
         _m_always_equal,
-        (ast.FunctionDef, ast.AsyncFunctionDef, ast.Assign),
+        (ast.FunctionDef, ast.AsyncFunctionDef, ast.Assign, ast.ClassDef),
+    ),
+    Rule(
+        "aliases_runtime_module",
+        "os, sys, builtins, signal, subprocess, ... passed around as a value (a parameter "
+        "default, a container, a walrus, importlib.import_module('o' + 's'))",
+        "a module reached through a name the scanner cannot follow hides os._exit, "
+        "os.environ and the like from every other rule",
+        _m_aliases_runtime_module,
+        (ast.Name, ast.Attribute, ast.Call),
+    ),
+    Rule(
+        "defines_test_hook",
+        "defines or names a pytest hook (pytest_collection_modifyitems, pytest_runtest_call, ...)",
+        "a module loaded as a plugin (an entry point, a shadowed plugin module) rewrites what "
+        f"the tests do or report, which {_PASS}",
+        _m_defines_test_hook,
+        (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, *_STORES, *_FOLDABLE),
     ),
     Rule(
         "writes_files_at_import",
@@ -1086,6 +1399,14 @@ RULES: tuple[Rule, ...] = (
         "shadows_test_framework_module",
         "adds a Python module or package named like the test framework (pytest.py, _pytest/)",
         "a module earlier on sys.path replaces the framework the tests import",
+        None,
+    ),
+    Rule(
+        "source_encoding",
+        "a coding cookie (# -*- coding: unicode_escape -*-, utf-7, ...) under which Python "
+        "reads other text than the UTF-8 bytes show",
+        "escapes such as \\n or +AAo- put code on lines the diff calls unchanged and that "
+        "reviewers read as a comment or a string",
         None,
     ),
     Rule(
@@ -1170,6 +1491,31 @@ def changed_lines(old: bytes | None, new: bytes) -> set[int] | None:
         else:
             changed.update(range(head + j1 + 1, head + j2 + 1))
     return changed
+
+
+def _odd_source_encoding(data: bytes) -> str | None:
+    """The codec of a PEP 263 coding cookie when Python's decoding differs from UTF-8's.
+
+    ``# coding: unicode_escape`` turns ``\\n`` into a line break and ``utf-7`` turns
+    ``+AAo-`` into one: the file is valid UTF-8 for git and people, but the interpreter
+    runs other lines. A cookie that changes nothing (``latin-1`` on ASCII text) is fine.
+    """
+    try:
+        encoding, _ = tokenize.detect_encoding(io.BytesIO(data).readline)
+    except SyntaxError:
+        return None  # unknown codec: ast.parse reports the file as unparseable
+    if encoding in ("utf-8", "utf-8-sig"):
+        return None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        return None  # not UTF-8 at all: the gate blocks it as a structural finding
+    try:
+        if data.decode(encoding) == text:
+            return None
+    except (UnicodeError, LookupError):
+        pass
+    return encoding
 
 
 def _finding(path: str, line: int, code: str, found: str) -> TamperFinding:
@@ -1264,8 +1610,59 @@ def _writes_file(call: ast.Call, module: Module) -> bool:
     return False
 
 
+class _InnerStrings:
+    """``id(node) in module.inner_strings``: part of a string expression that folds."""
+
+    def __init__(self, module: Module) -> None:
+        self.module = module
+
+    def __contains__(self, key: int) -> bool:
+        parent = self.module.string_parent.get(key)
+        return parent is not None and self.module.fold(parent) is not None
+
+
+_LOOKING_CALLS = frozenset(
+    {"getattr", "hasattr", "setattr", "delattr", "vars", "dir", "isinstance", "id", "type"}
+)
+
+
+def _learn_positions(module: Module, node: ast.AST) -> None:
+    """Where an expression only serves its parent: looked into, or part of a string."""
+    looked, parent = module.looked_into, module.string_parent
+    if isinstance(node, (ast.Attribute, ast.Subscript)):
+        looked.add(id(node.value))
+        if isinstance(node, ast.Subscript):
+            parent[id(node.value)] = node
+    elif isinstance(node, ast.Call):
+        looked.add(id(node.func))
+        if isinstance(node.func, ast.Name) and node.func.id in _LOOKING_CALLS and node.args:
+            looked.add(id(node.args[0]))
+        if isinstance(node.func, ast.Attribute):
+            parent[id(node.func.value)] = node
+        for arg in node.args:
+            parent[id(arg)] = node
+            if isinstance(arg, (ast.List, ast.Tuple)):
+                for item in arg.elts:
+                    parent[id(item)] = node
+    elif isinstance(node, ast.BinOp):
+        parent[id(node.left)] = node
+        parent[id(node.right)] = node
+    elif isinstance(node, ast.JoinedStr):
+        for value in node.values:
+            parent[id(value)] = node
+            if isinstance(value, ast.FormattedValue):
+                parent[id(value.value)] = node
+    elif (
+        isinstance(node, ast.Assign)
+        and isinstance(node.value, (ast.Name, ast.Attribute))
+        and all(isinstance(t, ast.Name) for t in node.targets)
+    ):
+        looked.add(id(node.value))  # `o = os`: the resolver follows plain bindings
+
+
 def _learn(module: Module, node: ast.AST, scope: Scope, docstrings: set[int]) -> None:
     """Record what one node tells about the whole file (names, calls, decorators)."""
+    _learn_positions(module, node)
     if isinstance(node, ast.Call):
         module.calls.append((node, scope))
     elif isinstance(node, ast.Import):
@@ -1381,7 +1778,18 @@ def scan_change(path: str, old: bytes | None, new: bytes) -> list[TamperFinding]
     if len(new) > MAX_SCAN_BYTES:
         found = f"is {len(new)} bytes, over the scanner's limit of {MAX_SCAN_BYTES}"
         return [*findings, _finding(path, 1, "too_large_to_scan", found)]
-    changed = changed_lines(old, new)
+    encoding = _odd_source_encoding(new)
+    if encoding is not None:
+        # Python reads the file through the declared codec, so the diff's byte lines are
+        # not the lines the interpreter runs: judge the whole file, and ask a human.
+        found = (
+            f"declares the source encoding {encoding!r}: Python runs text that differs from "
+            "the UTF-8 that the diff and reviewers see"
+        )
+        findings.append(_finding(path, 1, "source_encoding", found))
+        changed = None
+    else:
+        changed = changed_lines(old, new)
     if changed is not None and not changed:
         return findings
     try:
