@@ -106,7 +106,10 @@ def run(args: argparse.Namespace) -> int:
         verdict.error = f"{type(exc).__name__}: {exc}"
     if verdict.error:
         print(f"cage: internal error: {verdict.error}", file=sys.stderr)
-    _publish(verdict, json_mode=args.json)
+    try:
+        _publish(verdict, json_mode=args.json)
+    except Exception as exc:  # outputs are a courtesy; the exit code carries the verdict
+        print(f"cage: warning: cannot write the GitHub outputs: {exc}", file=sys.stderr)
     if args.json:
         # ASCII JSON: valid on any stdout encoding, undecodable path bytes kept as escapes.
         sys.stdout.write(json.dumps(verdict.to_dict(), indent=2, ensure_ascii=True) + "\n")
