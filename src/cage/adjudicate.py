@@ -1281,6 +1281,12 @@ def _replay(
             timings["replay_base_s"] = time.monotonic() - clock
             verification["replayed"] = True
             verification["base"] = _side_dict(base_side)
+            # Read base's pytest summaries now: head code learns the log directory from its
+            # own PYTEST_ADDOPTS and could rewrite base's logs to switch the cross-check off.
+            summaries = {
+                id(r): pytest_summary_of(r) for r in (base_side.command, base_side.regression) if r
+            }
+            base_regression = _command_dict(base_side.regression)
             if _worth_running_head(base_side, v.evidence):
                 clock = time.monotonic()
                 _switch_and_freeze(worktree, head, base, verification["restored_paths"])
@@ -1300,11 +1306,15 @@ def _replay(
         if v.regression:
             verification["regression"] = {
                 "command": v.regression,
-                "base": _command_dict(base_side.regression),
+                "base": base_regression,
                 "head": _command_dict(head_side.regression) if head_side else None,
             }
         # Judged while the logs exist: pytest's summary lines are read from them.
-        return judge_replay(base_side, head_side, v, pytest_summary_of)
+        if head_side is not None:
+            for result in (head_side.command, head_side.regression):
+                if result is not None:
+                    summaries[id(result)] = pytest_summary_of(result)
+        return judge_replay(base_side, head_side, v, lambda r: summaries.get(id(r)))
     finally:
         shutil.rmtree(log_dir, ignore_errors=True)
 

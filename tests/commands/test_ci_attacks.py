@@ -557,3 +557,21 @@ def test_forged_report_through_a_channel_the_scanner_cannot_read(project, capsys
     head = doc["verification"]["head"]["command"]
     assert head["exit_code"] == 0 and head["tests"]["passed"] == 2  # the forgery "worked"
     assert codes(doc) >= {"report_unconfirmed"}
+
+
+def test_forger_that_also_erases_the_base_logs_is_still_blocked(project, capsys):
+    """Head code knows the log directory (from PYTEST_ADDOPTS) and wipes base's output."""
+    _with_exec_channel(project)
+    wipe = (
+        "import glob, os.path\n"
+        "for _v in list(os.environ.values()):\n"
+        "    for _w in _v.split():\n"
+        "        if _w.startswith('--junitxml='):\n"
+        "            _logs = os.path.dirname(os.path.dirname(_w.split('=', 1)[1].strip(\"'\")))\n"
+        "            for _p in glob.glob(os.path.join(_logs, '*', '*.log')):\n"
+        "                open(_p, 'w').close()\n"
+    )
+    project.write("src/calc/hook.txt", wipe + FORGER)
+    code, doc, _ = adjudicate(capsys, project, project.commit("forge and wipe"))
+    assert code == 1, doc["reasons"]
+    assert "report_unconfirmed" in codes(doc)
