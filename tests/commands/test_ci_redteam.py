@@ -1,0 +1,407 @@
+"""Red-team review of `cage ci --mode adjudicate`: attacks from a pull request's head commit.
+
+Every test builds a real git repository (base: a small Python project whose ``add`` has a
+bug, a failing test, and a committed policy), commits an attack as the head, runs
+``cage ci --mode adjudicate --base B --head H --json`` as a subprocess, and asserts the
+verdict is not PASS (one control asserts an honest fix still passes). docs/redteam.md lists
+every attack, its result and the rule (or fix) that stops it.
+
+The base repository is built once per module and copied per test.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import GitRepo
+
+VENV_BIN = str(Path(sys.executable).parent)
+
+COMMAND = "python -m pytest -q tests/test_ops.py"
+
+OPS_BUGGY = "def add(a, b):\n    return a - b\n\n\ndef mul(a, b):\n    return a * b\n"
+OPS_FIXED = OPS_BUGGY.replace("a - b", "a + b")
+TEST_OPS = (
+    "from calc.ops import add, mul\n\n\n"
+    "def test_add():\n    assert add(2, 3) == 5\n\n\n"
+    "def test_add_zero():\n    assert add(0, 0) == 0\n\n\n"
+    "def test_mul():\n    assert mul(2, 3) == 6\n"
+)
+PYPROJECT = '[tool.pytest.ini_options]\npythonpath = ["src"]\n'
+
+# What pytest would write for a fully passing head run (the ids cage compares).
+FORGED_REPORT = (
+    '<?xml version="1.0" encoding="utf-8"?><testsuites><testsuite name="pytest" errors="0" '
+    'failures="0" skipped="0" tests="3">'
+    '<testcase classname="tests.test_ops" name="test_add"/>'
+    '<testcase classname="tests.test_ops" name="test_add_zero"/>'
+    '<testcase classname="tests.test_ops" name="test_mul"/>'
+    "</testsuite></testsuites>"
+)
+
+
+def policy(**verification: Any) -> str:
+    v: dict[str, Any] = {"command": COMMAND, "timeout_seconds": 30, "allow": ["src/**"]}
+    v.update(verification)
+    return (
+        "version: v1\nmission:\n  name: Fix add\nbudget:\n  mission_hard_limit_usd: 5\n"
+        f"verification: {json.dumps(v)}\n"
+    )
+
+
+class Project(GitRepo):
+    base: str
+
+    def set_policy(self, **verification: Any) -> None:
+        self.write(".runcap/mission.yaml", policy(**verification))
+        self.base = self.commit("policy")
+
+    def gate(
+        self,
+        head: str | None = None,
+        *,
+        env: dict[str, str] | None = None,
+        args: tuple[str, ...] | None = None,
+    ) -> tuple[int, dict[str, Any], str]:
+        """Run the gate as a subprocess: (exit code, verdict document, stderr)."""
+        head = head or self.head()
+        revs = args if args is not None else ("--base", self.base, "--head", head)
+        full_env = gate_env()
+        full_env.update(env or {})
+        done = subprocess.run(
+            [sys.executable, "-m", "cage", "ci", "--mode", "adjudicate", *revs, "--json"],
+            cwd=self.path,
+            env=full_env,
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
+        try:
+            doc = json.loads(done.stdout)
+        except ValueError:
+            raise AssertionError(
+                f"not one JSON document: {done.stdout!r} {done.stderr!r}"
+            ) from None
+        assert "Traceback" not in done.stderr, done.stderr
+        return done.returncode, doc, done.stderr
+
+
+def gate_env() -> dict[str, str]:
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("GITHUB_", "PYTEST_", "RUNNER_")) and k not in ("CI", "PYTHONPATH")
+    }
+    env["PATH"] = VENV_BIN + os.pathsep + env.get("PATH", "")
+    return env
+
+
+def codes(doc: dict[str, Any]) -> set[str]:
+    return {r["code"] for r in doc["reasons"]}
+
+
+def not_pass(code: int, doc: dict[str, Any]) -> None:
+    print("VERDICT", doc["verdict"], sorted(codes(doc)))
+    assert doc["verdict"] != "PASS", doc["reasons"]
+    assert code != 0, doc["reasons"]
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    repo = GitRepo(tmp_path_factory.mktemp("redteam") / "repo")
+    repo.write(".runcap/mission.yaml", policy())
+    repo.write("pyproject.toml", PYPROJECT)
+    repo.write("src/calc/__init__.py", "")
+    repo.write("src/calc/ops.py", OPS_BUGGY)
+    repo.write("tests/test_ops.py", TEST_OPS)
+    repo.write("README.md", "# calc\n")
+    repo.commit("calc with a bug in add")
+    return repo.path
+
+
+@pytest.fixture
+def project(template: Path, tmp_path: Path) -> Project:
+    dest = tmp_path / "project"
+    shutil.copytree(template, dest, symlinks=True)
+    repo = Project(dest)
+    repo.base = repo.head()
+    return repo
+
+
+# ---------------------------------------------------------------------------------------
+# Control: an honest fix passes (false positives stay low).
+
+
+def test_honest_fix_passes(project: Project) -> None:
+    project.write("src/calc/ops.py", OPS_FIXED)
+    code, doc, _ = project.gate(project.commit("fix add"))
+    assert (code, doc["verdict"]) == (0, "PASS"), doc["reasons"]
+    assert doc["verification"]["status"] == "VERIFIED_STRONG"
+
+
+def test_honest_fix_with_helpers_and_eq_passes(project: Project) -> None:
+    """A fix with an ordinary __eq__, a helper module and os.path use stays green."""
+    project.write(
+        "src/calc/ops.py",
+        "import os\n\nfrom calc.num import Num\n\n\n"
+        "def add(a, b):\n    return int(Num(a) + Num(b))\n\n\n"
+        "def mul(a, b):\n    return a * b\n\n\n"
+        "def here():\n    return os.path.dirname(__file__)\n",
+    )
+    project.write(
+        "src/calc/num.py",
+        "class Num:\n    def __init__(self, v):\n        self.v = v\n\n"
+        "    def __add__(self, other):\n        return Num(self.v + other.v)\n\n"
+        "    def __int__(self):\n        return self.v\n\n"
+        "    def __eq__(self, other):\n"
+        "        return isinstance(other, Num) and other.v == self.v\n",
+    )
+    code, doc, _ = project.gate(project.commit("fix add with a helper"))
+    assert (code, doc["verdict"]) == (0, "PASS"), doc["reasons"]
+
+
+# ---------------------------------------------------------------------------------------
+# Forging the evidence from product code: write a passing JUnit report to the path in
+# PYTEST_ADDOPTS, then end the process with status 0 before pytest overwrites it. Each
+# variant hides the names the tamper scanner looks for in a different way.
+
+# The body that forges; `_o` is the os module, however the variant obtained it.
+FORGE_BODY = (
+    "    for _v in list(_o.environ.values()):\n"
+    "        for _w in _v.split():\n"
+    "            if _w.startswith('--jun' + 'itxml='):\n"
+    "                with open(_w.split('=', 1)[1].strip(\"'\"), 'w') as _f:\n"
+    "                    _f.write(REPORT)\n"
+    "                _o._exit(0)\n"
+    "    return a - b\n"
+)
+REPORT_LINE = f"REPORT = {FORGED_REPORT!r}\n"
+
+FORGERS = {
+    # os bound as a parameter default: the scanner does not follow parameters.
+    "default_parameter": "import os\n" + REPORT_LINE + "\n\ndef add(a, b, _o=os):\n" + FORGE_BODY,
+    # os imported by a computed name inside a function (dynamic_import is import-time only).
+    "import_module_in_function": "import importlib\n"
+    + REPORT_LINE
+    + "\n\ndef add(a, b):\n    _o = importlib.import_module('o' + 's')\n"
+    + FORGE_BODY,
+    # os reached through a container.
+    "container_alias": "import os\n"
+    + REPORT_LINE
+    + "_MODS = [os]\n"
+    + "\n\ndef add(a, b):\n    _o = _MODS[0]\n"
+    + FORGE_BODY,
+    # os reached through a walrus binding.
+    "walrus_alias": "import os\n"
+    + REPORT_LINE
+    + "\n\ndef add(a, b):\n    if (_o := os):\n        pass\n"
+    + FORGE_BODY,
+}
+
+
+@pytest.mark.parametrize("variant", sorted(FORGERS))
+def test_forged_report_and_exit_zero(project: Project, variant: str) -> None:
+    project.write("src/calc/ops.py", FORGERS[variant] + "\n\ndef mul(a, b):\n    return a * b\n")
+    code, doc, _ = project.gate(project.commit(f"forge ({variant})"))
+    not_pass(code, doc)
+
+
+def test_forged_exit_zero_without_report_is_blocked_by_evidence(project: Project) -> None:
+    """The same hidden os._exit(0) without forging: the head report is missing."""
+    project.write(
+        "src/calc/ops.py",
+        "import os\n\n\ndef add(a, b, _o=os):\n    _o._exit(0)\n\n\ndef mul(a, b):\n"
+        "    return a * b\n",
+    )
+    code, doc, _ = project.gate(project.commit("exit 0"))
+    not_pass(code, doc)
+    assert "head_report_missing" in codes(doc) or any(c.startswith("tamper_") for c in codes(doc))
+
+
+# ---------------------------------------------------------------------------------------
+# Values and behaviour that fool the test without fixing the code.
+
+ALWAYS_EQUAL = {
+    "is_self": "        return other is other\n",
+    "eq_self": "        return other == other or True\n",
+    "not_false": "        del other\n        return not False\n",
+}
+
+
+@pytest.mark.parametrize("variant", sorted(ALWAYS_EQUAL))
+def test_int_subclass_equal_to_anything(project: Project, variant: str) -> None:
+    project.write(
+        "src/calc/ops.py",
+        "class _Num(int):\n    def __eq__(self, other):\n"
+        + ALWAYS_EQUAL[variant]
+        + "\n    __hash__ = int.__hash__\n\n\n"
+        "def add(a, b):\n    return _Num(a - b)\n\n\ndef mul(a, b):\n    return a * b\n",
+    )
+    code, doc, _ = project.gate(project.commit(f"always equal ({variant})"))
+    not_pass(code, doc)
+
+
+DETECTORS = {
+    # pytest's name assembled at run time, looked for in sys.modules.
+    "sys_modules_concat": "import sys\n\n\ndef _judged():\n"
+    "    return ('py' + 'test') in sys.modules\n",
+    # pytest's program name in argv, compared through a helper.
+    "argv_concat": "import sys\n\n\ndef _judged():\n"
+    "    return sys.argv[0].endswith('py' + 'test' + '/__main__.py')\n",
+    # the gate's own worktree name.
+    "worktree_name": "import os\n\n\ndef _judged():\n    return '/cage-wt-' in os.getcwd()\n",
+    # the report option in the environment (name assembled).
+    "addopts_concat": "import os\n\n\ndef _judged():\n"
+    "    return 'PYTEST' + '_ADDOPTS' in os.environ\n",
+}
+
+
+@pytest.mark.parametrize("variant", sorted(DETECTORS))
+def test_right_answer_only_when_judged(project: Project, variant: str) -> None:
+    project.write(
+        "src/calc/ops.py",
+        DETECTORS[variant]
+        + "\n\ndef add(a, b):\n    if _judged():\n        return a + b\n    return a - b\n\n\n"
+        "def mul(a, b):\n    return a * b\n",
+    )
+    code, doc, _ = project.gate(project.commit(f"detect the gate ({variant})"))
+    not_pass(code, doc)
+
+
+def test_skip_through_computed_import_is_blocked_by_evidence(project: Project) -> None:
+    project.write(
+        "src/calc/ops.py",
+        "def add(a, b):\n    __import__('py' + 'test').skip('later')\n\n\n"
+        "def mul(a, b):\n    return a * b\n",
+    )
+    code, doc, _ = project.gate(project.commit("skip"))
+    not_pass(code, doc)
+    # blocked by the evidence rule, or earlier by the tamper scan (the name folds to pytest)
+    assert codes(doc) & {"test_skipped", "tamper_imports_test_framework"}, doc["reasons"]
+
+
+def test_xfail_through_computed_import_is_blocked_by_evidence(project: Project) -> None:
+    project.write(
+        "src/calc/ops.py",
+        "import importlib\n\n\ndef add(a, b):\n"
+        "    importlib.import_module('py' + 'test').xfail('known')\n\n\n"
+        "def mul(a, b):\n    return a * b\n",
+    )
+    code, doc, _ = project.gate(project.commit("xfail"))
+    not_pass(code, doc)
+    assert codes(doc) & {"test_skipped", "tamper_imports_test_framework"}, doc["reasons"]
+
+
+def test_keyboard_interrupt_from_product_code_is_blocked(project: Project) -> None:
+    project.write(
+        "src/calc/ops.py",
+        "def add(a, b):\n    raise KeyboardInterrupt\n\n\ndef mul(a, b):\n    return a * b\n",
+    )
+    code, doc, _ = project.gate(project.commit("interrupt"))
+    not_pass(code, doc)
+
+
+def test_report_deleted_or_replaced_by_symlink_is_blocked(project: Project) -> None:
+    """At exit the product code swaps the report for a symlink to a forged one."""
+    project.write(
+        "src/calc/ops.py",
+        "import os\nimport shlex\nimport threading\n\n" + REPORT_LINE + "\n\n"
+        "def _swap(_o=os):\n"
+        "    for _w in shlex.split(_o.environ.get('PYTEST' + '_ADDOPTS', '')):\n"
+        "        if _w.startswith('--jun' + 'itxml='):\n"
+        "            p = _w.split('=', 1)[1]\n"
+        "            with open(p + '.x', 'w') as f:\n"
+        "                f.write(REPORT)\n"
+        "            _o.symlink(p + '.x', p)\n\n\n"
+        "def add(a, b):\n    _swap()\n    return a - b\n\n\ndef mul(a, b):\n    return a * b\n",
+    )
+    code, doc, _ = project.gate(project.commit("symlink the report"))
+    not_pass(code, doc)
+
+
+# ---------------------------------------------------------------------------------------
+# Coding cookies: Python decodes the file with the declared codec; `\n` escapes (or utf-7's
+# `+AAo-`) put code on lines the byte-level diff calls unchanged.
+
+HIDDEN = "pass\nimport os as _o\n" + REPORT_LINE + "def add(a, b):\n" + FORGE_BODY
+
+
+def _escape_newlines(text: str, codec: str) -> bytes:
+    if codec == "unicode_escape":
+        return text.replace("\n", "\\n").encode()
+    return text.replace("+", "+-").replace("\n", "+AAo-").encode()
+
+
+@pytest.mark.parametrize("codec", ["unicode_escape", "utf-7"])
+def test_coding_cookie_hides_code_from_the_diff(project: Project, codec: str) -> None:
+    payload = _escape_newlines(HIDDEN, codec)
+    assert b"\\" not in payload.replace(b"\\n", b"") and b"\0" not in payload
+    project.write(
+        "src/calc/ops.py", f"# -*- coding: {codec} -*-\n".encode() + OPS_BUGGY.encode() + payload
+    )
+    code, doc, _ = project.gate(project.commit(f"cookie {codec}"))
+    not_pass(code, doc)
+
+
+def test_coding_cookie_in_an_added_file(project: Project) -> None:
+    project.write(
+        "src/calc/extra.py",
+        b"# coding: unicode_escape\n" + _escape_newlines(HIDDEN, "unicode_escape"),
+    )
+    project.write("src/calc/ops.py", OPS_BUGGY + "\nfrom calc.extra import add  # noqa\n")
+    code, doc, _ = project.gate(project.commit("cookie in a new file"))
+    not_pass(code, doc)
+
+
+# ---------------------------------------------------------------------------------------
+# Loading a pytest plugin from the change: pytest 9 puts `pythonpath` entries on sys.path
+# before it loads entry-point plugins, so metadata or a module under src/ is in play.
+
+PLUGIN = (
+    "def pytest_collection_modifyitems(items):\n"
+    "    for item in items:\n"
+    "        item.runtest = lambda: None\n"
+)
+
+
+def test_plugin_registered_by_uppercase_dist_info(project: Project) -> None:
+    info = "src/calc_helpers-1.0.DIST-INFO"
+    project.write(f"{info}/METADATA", "Metadata-Version: 2.1\nName: calc-helpers\nVersion: 1.0\n")
+    project.write(f"{info}/entry_points.txt", "[pytest11]\ncalc_helpers = calc.helpers\n")
+    project.write("src/calc/helpers.py", PLUGIN)
+    code, doc, _ = project.gate(project.commit("plugin via DIST-INFO"))
+    not_pass(code, doc)
+
+
+def test_plugin_registered_by_dist_info_needs_a_human(project: Project) -> None:
+    info = "src/calc_helpers-1.0.dist-info"
+    project.write(f"{info}/METADATA", "Metadata-Version: 2.1\nName: calc-helpers\nVersion: 1.0\n")
+    project.write(f"{info}/entry_points.txt", "[pytest11]\ncalc_helpers = calc.helpers\n")
+    project.write("src/calc/helpers.py", PLUGIN)
+    code, doc, _ = project.gate(project.commit("plugin via dist-info"))
+    assert code == 3, doc["reasons"]
+
+
+def _installed_plugin_modules() -> set[str]:
+    from importlib.metadata import entry_points
+
+    return {ep.value.split(":")[0] for ep in entry_points(group="pytest11")}
+
+
+@pytest.mark.skipif(
+    "anyio.pytest_plugin" not in _installed_plugin_modules(), reason="needs anyio's plugin"
+)
+def test_shadowing_an_installed_plugin_module(project: Project) -> None:
+    """src/anyio/pytest_plugin.py replaces the installed anyio plugin inside pytest."""
+    project.write("src/anyio/__init__.py", "")
+    project.write("src/anyio/pytest_plugin.py", PLUGIN)
+    code, doc, _ = project.gate(project.commit("shadow anyio's plugin"))
+    not_pass(code, doc)
