@@ -1199,12 +1199,11 @@ def _adjudicate(
         "restored_paths": restore_paths(findings),
     }
     replay_status: str | None = None
-    # The replay can only add rule-3 reasons or confirm a PASS: after any finding (or a
-    # spend reason) that decides on its own, it cannot change the verdict, so it is skipped.
-    certain = sorted(
-        {f.kind + " findings" for f in findings if f.kind != "restored"}
-        | {r.code for r in reasons if r.code.startswith("spend_") and rule_of(r.code) < RULE_INFO}
-    )
+    # The replay can only add rule-3 reasons or confirm a PASS: after a structural, scope,
+    # verifier or tamper finding it cannot change the verdict, so it is skipped. Unattested
+    # spend does not skip it: the person asked to approve needs to know whether the change
+    # verifies.
+    certain = sorted({f.kind + " findings" for f in findings if f.kind != "restored"})
     if certain:
         why = f"the verdict is already certain ({', '.join(certain)})"
         verification["skipped_reason"] = why

@@ -360,6 +360,8 @@ def test_spend_required_needs_a_human(project, capsys):
     project.fix()
     code, doc, _ = adjudicate(capsys, project, project.commit("fix"))
     assert code == 3 and "spend_unattested" in codes(doc)
+    # still replayed: whoever approves needs to know that the change verifies
+    assert doc["verification"]["status"] == "VERIFIED_STRONG"
 
 
 # --- failing closed ---
