@@ -195,3 +195,13 @@ def test_fenced_output_uses_a_fresh_token():
     token = lines[0].split("::")[2]
     assert len(token) == 32 and lines[-1] == f"::{token}::"
     assert github.fenced_output("x")[0] != lines[0]
+
+
+def test_each_tamper_finding_keeps_its_own_line():
+    found = [
+        Finding("src/a.py", "tamper", "tamper_x", "first", 3),
+        Finding("src/a.py", "tamper", "tamper_x", "second", 9),
+    ]
+    v = Verdict("HUMAN_APPROVAL_REQUIRED", [f.reason() for f in found], findings=found)
+    lines = github.annotations(v)
+    assert [line.split(",")[1] for line in lines] == ["line=3", "line=9"]

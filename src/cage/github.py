@@ -164,17 +164,18 @@ def write_outputs(verdict: Verdict, path: str) -> None:
 def annotations(verdict: Verdict, limit: int = MAX_ANNOTATIONS) -> list[str]:
     """At most ``limit`` ``::error file=…::`` lines for the paths at fault, deciding ones first."""
     out: list[str] = []
-    seen: set[tuple[str, str]] = set()
-    lines = {f.path: f.line for f in verdict.findings if f.line is not None}
+    seen: set[tuple[str, str, int | None]] = set()
+    # Each finding's own line (a file can have several tamper findings on different lines).
+    lines = {(f.code, f.reason().message): f.line for f in verdict.findings}
     for reason in verdict.reasons:
         if reason.path is None or rule_of(reason.code) >= 4:
             continue
-        key = (reason.path, reason.code)
+        line = lines.get((reason.code, reason.message))
+        key = (reason.path, reason.code, line)
         if key in seen:
             continue
         seen.add(key)
         props = f"file={escape_property(printable(reason.path))}"
-        line = lines.get(reason.path)
         if line is not None:
             props += f",line={int(line)}"
         props += f",title={escape_property('cage: ' + reason.code)}"
