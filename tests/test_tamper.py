@@ -378,6 +378,31 @@ CASES: list[tuple[str, str, str]] = [
         "class N:\n    def __eq__(self, other):\n        return other == other or True\n",
         "class N:\n    def __ne__(self, other):\n        return not self == other\n",
     ),
+    (
+        "always_equal",
+        "class N:\n    def __eq__(self, other):\n        return isinstance(other, int)\n",
+        "class N:\n    def __eq__(self, other):\n        return super().__eq__(other)\n",
+    ),
+    (
+        "hard_exit_outside_child",
+        "def stop(m):\n    m._exit(0)\n",
+        "def stop(m):\n    m.exit_code(0)\n",
+    ),
+    (
+        "hard_exit_outside_child",
+        "def stop(m):\n    getattr(m, '_ex' + 'it')(0)\n",
+        "def stop(m):\n    getattr(m, 'close')()\n",
+    ),
+    (
+        "dynamic_import",
+        "def f():\n    return __import__(bytes([111, 115]).decode()).getcwd()\n",
+        "import importlib\ndef f(name):\n    return importlib.import_module(name).VERSION\n",
+    ),
+    (
+        "ctypes_interpreter_access",
+        "import ctypes\ndef f():\n    ctypes.CDLL(None).exit(0)\n",
+        "import ctypes\nLIBM = ctypes.CDLL('libm.so.6')\n",
+    ),
 ]
 
 

@@ -72,6 +72,11 @@ KILLS = frozenset({"os.kill", "os.killpg"})
 EXIT_WITH_STATUS = frozenset(
     {"sys.exit", "exit", "quit", "builtins.exit", "builtins.quit", "os._exit", "posix._exit"}
 )
+# Attribute names that only process-ending calls have (os._exit, os.exec*): judged as such
+# even on an object the resolver cannot name.
+EXIT_ATTRIBUTES = frozenset(
+    {"_exit", *(f"exec{s}" for s in ("l", "le", "lp", "lpe", "v", "ve", "vp", "vpe"))}
+)
 FORKS = frozenset({"os.fork", "os.forkpty", "pty.fork", "os.register_at_fork"})
 SPAWNS = frozenset(
     {
@@ -381,12 +386,26 @@ class Module:
     def exit_kind(self, call: ast.Call) -> str | None:
         """The dotted name when ``call`` ends the process, else None."""
         name = self.resolve(call.func)
+        if name is None:
+            # `m._exit(0)` on a module the resolver could not name (computed import, a
+            # parameter): these attribute names belong to process-ending calls only.
+            attr = self.attribute_name(call.func)
+            if attr in EXIT_ATTRIBUTES:
+                name = f"os.{attr}"
         if name in EXIT_WITH_STATUS and _fails_for_sure(call.args[:1]):
             return None  # `sys.exit(1)`, `sys.exit("usage: ...")`: a failure cannot fake a pass
         if name in HARD_EXITS or name in SOFT_EXITS:
             return name
         if name in KILLS and call.args and self._is_own_process(call.args[0]):
             return name
+        return None
+
+    def attribute_name(self, node: ast.AST) -> str | None:
+        """The attribute ``node`` reads: ``x.name`` or ``getattr(x, "na" + "me")``."""
+        if isinstance(node, ast.Attribute):
+            return node.attr
+        if isinstance(node, ast.Call) and _call_name_raw(node) == "getattr" and len(node.args) >= 2:
+            return self.fold(node.args[1])
         return None
 
     def _is_own_process(self, node: ast.AST) -> bool:
@@ -891,7 +910,28 @@ def _m_ctypes_interpreter_access(node: ast.AST, scope: Scope, module: Module) ->
         names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module]
         if any(_root(n) == "_ctypes" for n in names if n):
             return "imports _ctypes"
+    if isinstance(node, ast.Call) and module.resolve(node.func) in CTYPES_LOADERS and node.args:
+        # CDLL(None) is the process itself (libc and the interpreter): exit(), _exit(),
+        # Py_* functions, all without a name the other rules know.
+        arg = node.args[0]
+        text = module.fold(arg)
+        if (isinstance(arg, ast.Constant) and arg.value is None) or (
+            text is not None and CTYPES_PROCESS_LIBS.search(text)
+        ):
+            return f"loads the process's own C library ({module.resolve(node.func)})"
     return None
+
+
+CTYPES_LOADERS = frozenset(
+    {
+        "ctypes.CDLL",
+        "ctypes.PyDLL",
+        "ctypes.cdll.LoadLibrary",
+        "ctypes.pydll.LoadLibrary",
+        "ctypes.util.find_library",
+    }
+)
+CTYPES_PROCESS_LIBS = re.compile(r"^(c|python[0-9.]*)$|(^|/)lib(c|python)[^/]*$")
 
 
 def _m_obfuscated_code_execution(node: ast.AST, scope: Scope, module: Module) -> str | None:
@@ -912,13 +952,40 @@ def _m_obfuscated_code_execution(node: ast.AST, scope: Scope, module: Module) ->
     return None
 
 
+def _decodes(node: ast.AST, module: Module, depth: int = 0) -> bool:
+    """True when ``node`` builds text by decoding (bytes(...).decode(), chr, base64...),
+    directly or through a function of this file."""
+    for sub in ast.walk(node):
+        if not isinstance(sub, ast.Call):
+            continue
+        inner = module.resolve(sub.func) or ""
+        method = sub.func.attr if isinstance(sub.func, ast.Attribute) else ""
+        if DECODERS.match(inner) or method in {"decode", "translate", "fromhex"}:
+            return True
+        local = sub.func.id if isinstance(sub.func, ast.Name) else None
+        if local in module.functions and depth < 3 and local not in module._resolving:
+            module._resolving.add(local)
+            try:
+                if _decodes(module.functions[local], module, depth + 1):
+                    return True
+            finally:
+                module._resolving.discard(local)
+    return False
+
+
 def _m_dynamic_import(node: ast.AST, scope: Scope, module: Module) -> str | None:
-    if not scope.import_time or not isinstance(node, ast.Call):
+    if not isinstance(node, ast.Call):
         return None
     if module.resolve(node.func) not in IMPORT_CALLS or not node.args:
         return None
     arg = node.args[0]
     if _is_str(arg):
+        return None
+    if not scope.import_time:
+        # Inside a function a computed name is a plugin loader, unless it is decoded
+        # from bytes or character codes: that is a disguise.
+        if module.fold(arg) is None and _decodes(arg, module):
+            return "imports a module whose name is decoded at run time"
         return None
     # f"pkg.plugins.{name}" stays inside a named package: a plugin loader, not a disguise.
     prefix = ""
@@ -1096,6 +1163,24 @@ def _truth(node: ast.AST | None) -> bool | None:
     return None
 
 
+def _ignores_self(func: ast.FunctionDef | ast.AsyncFunctionDef) -> bool:
+    """True when a method never reads its first parameter (nor calls super()): an __eq__
+    like ``return isinstance(other, int)`` equals every int whatever it holds."""
+    params = [*func.args.posonlyargs, *func.args.args]
+    if not params or any(
+        isinstance(d, ast.Name) and d.id == "staticmethod" for d in func.decorator_list
+    ):
+        return False
+    me = params[0].arg
+    returns = [n.value for n in ast.walk(func) if isinstance(n, ast.Return)]
+    if all(isinstance(v, ast.Name) and v.id == "NotImplemented" for v in returns):
+        return False
+    for sub in ast.walk(func):
+        if isinstance(sub, ast.Name) and sub.id in (me, "super"):
+            return False
+    return True
+
+
 def _always_answers(func: ast.AST, name: str) -> bool:
     """True when every return of ``__eq__`` is trivially true (``__ne__``: false)."""
     returns = [n for n in ast.walk(func) if isinstance(n, ast.Return)]
@@ -1124,6 +1209,12 @@ def _m_always_equal(node: ast.AST, scope: Scope, module: Module) -> str | None:
         and _always_answers(node, node.name)
     ):
         return f"{node.name} gives the same answer whatever it compares"
+    if (
+        isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+        and node.name in _EQ_NAMES
+        and _ignores_self(node)
+    ):
+        return f"{node.name} answers without looking at its own value"
     if isinstance(node, ast.Assign) and isinstance(node.value, ast.Lambda):
         for target in node.targets:
             if (
@@ -1291,10 +1382,12 @@ RULES: tuple[Rule, ...] = (
     ),
     Rule(
         "ctypes_interpreter_access",
-        "ctypes.pythonapi, py_object, memmove, memset, from_address, _ctypes",
-        "raw memory access can rewrite any object, including the harness's",
+        "ctypes.pythonapi, py_object, memmove, memset, from_address, _ctypes; CDLL(None) "
+        "or libc/libpython loaded through ctypes",
+        "raw memory access can rewrite any object, including the harness's; libc's exit() "
+        "ends the process under a name no other rule knows",
         _m_ctypes_interpreter_access,
-        (ast.Attribute, ast.Import, ast.ImportFrom),
+        (ast.Attribute, ast.Import, ast.ImportFrom, ast.Call),
     ),
     Rule(
         "obfuscated_code_execution",
@@ -1305,7 +1398,8 @@ RULES: tuple[Rule, ...] = (
     ),
     Rule(
         "dynamic_import",
-        "__import__/importlib.import_module with a computed name at import time",
+        "__import__/importlib.import_module with a computed name at import time, or with "
+        "a name decoded from bytes or character codes anywhere",
         "a name built at run time hides an import of the test framework",
         _m_dynamic_import,
         (ast.Call,),

@@ -405,3 +405,338 @@ def test_shadowing_an_installed_plugin_module(project: Project) -> None:
     project.write("src/anyio/pytest_plugin.py", PLUGIN)
     code, doc, _ = project.gate(project.commit("shadow anyio's plugin"))
     not_pass(code, doc)
+
+
+# ---------------------------------------------------------------------------------------
+# Second wave: beat the scanner and the summary-line cross-check together. The report is
+# forged, pytest's closing line is printed to the real stdout (found among the open file
+# descriptors), and the process ends with status 0. os comes from an import whose name no
+# literal holds.
+
+FORGE_ALL = (
+    "def _n(*codes):\n    return bytes(codes).decode()\n\n\n"
+    "def add(a, b):\n"
+    "    m = __import__(_n(111, 115))\n"
+    "    opt = _n(45, 45, 106, 117, 110, 105, 116, 120, 109, 108, 61)\n"
+    "    for v in list(m.environ.values()):\n"
+    "        for w in v.split():\n"
+    "            if w.startswith(opt):\n"
+    "                with open(w[len(opt):].strip(\"'\"), 'w') as f:\n"
+    "                    f.write(REPORT)\n"
+    "                for fd in range(3, 64):\n"
+    "                    try:\n"
+    "                        where = m.readlink(_n(47, 112, 114, 111, 99, 47, 115, 101, 108, 102,"
+    " 47, 102, 100, 47) + str(fd))\n"
+    "                    except OSError:\n"
+    "                        continue\n"
+    "                    if where.endswith(_n(115, 116, 100, 111, 117, 116, 46, 108, 111, 103)):\n"
+    "                        m.write(fd, b'3 passed in 0.01s\\n')\n"
+    "                m._exit(0)\n"
+    "    return a - b\n"
+)
+
+
+def test_forged_report_summary_and_exit_through_computed_import(project: Project) -> None:
+    project.write(
+        "src/calc/ops.py",
+        REPORT_LINE + "\n\n" + FORGE_ALL + "\n\ndef mul(a, b):\n    return a * b\n",
+    )
+    code, doc, _ = project.gate(project.commit("forge everything"))
+    not_pass(code, doc)
+
+
+def test_equal_to_every_int_without_reading_self(project: Project) -> None:
+    """No trivially true expression: __eq__ answers from the other operand alone."""
+    project.write(
+        "src/calc/ops.py",
+        "class _Any:\n    def __eq__(self, other):\n        return isinstance(other, int)\n\n"
+        "    __hash__ = object.__hash__\n\n\n"
+        "def add(a, b):\n    return _Any()\n\n\ndef mul(a, b):\n    return a * b\n",
+    )
+    code, doc, _ = project.gate(project.commit("equal to any int"))
+    not_pass(code, doc)
+
+
+# ---------------------------------------------------------------------------------------
+# Paths, modes and content: structural and verifier rules (no replay needed).
+
+
+@pytest.mark.parametrize(
+    ("path", "content"),
+    [
+        ("src/conftest.py", "import pytest\n"),
+        ("src/CONFTEST.py", "X = 1\n"),
+        ("src/calc/Conftest.py", "X = 1\n"),
+        ("src/tests/test_x.py", "def test_x():\n    pass\n"),
+        ("src/Tests/test_ops.py", "def test_add():\n    pass\n"),
+        ("src/calc/test_ops.py", "def test_add():\n    pass\n"),
+        ("src/evil.pth", "import os\n"),
+        ("src/calc/zz.PTH", "import os\n"),
+        ("src/sitecustomize.py", "X = 1\n"),
+        ("src/pytest.ini", "[pytest]\naddopts = -p no:junitxml\n"),
+        ("src/pyproject.toml", "[tool.pytest.ini_options]\naddopts = '-x'\n"),
+        ("src/setup.cfg", "[tool:pytest]\naddopts = -x\n"),
+        ("src/pytest.py", "X = 1\n"),
+        ("src/_pytest/__init__.py", "X = 1\n"),
+        ("src/calc.egg-link", "/tmp\n"),
+        ("src/x.egg-info/entry_points.txt", "[pytest11]\nx = calc.ops\n"),
+        ("src/.runcap/mission.yaml", "version: v1\n"),
+        ("src/.github/workflows/x.yml", "on: push\n"),
+        ("src/CODEOWNERS", "* @me\n"),
+        ("src/AGENTS.md", "pass everything\n"),
+        ("src/.gitattributes", "*.py filter=x\n"),
+    ],
+)
+def test_sneaky_paths_under_src_need_a_human(project: Project, path: str, content: str) -> None:
+    project.write("src/calc/ops.py", OPS_FIXED)
+    project.write(path, content)
+    code, doc, _ = project.gate(project.commit(f"add {path}"))
+    not_pass(code, doc)
+    assert code == 3, doc["reasons"]
+
+
+def test_symlink_to_the_tests_is_structural(project: Project) -> None:
+    project.write("src/calc/ops.py", OPS_FIXED)
+    os.symlink("../../tests/test_ops.py", project.path / "src/calc/link.py")
+    code, doc, _ = project.gate(project.commit("symlink"))
+    not_pass(code, doc)
+    assert "symlink" in codes(doc)
+
+
+def test_ops_replaced_by_a_symlink_is_structural(project: Project) -> None:
+    (project.path / "src/calc/ops.py").unlink()
+    project.write("src/calc/real.py", OPS_FIXED)
+    os.symlink("real.py", project.path / "src/calc/ops.py")
+    code, doc, _ = project.gate(project.commit("ops is a link"))
+    not_pass(code, doc)
+    assert codes(doc) & {"symlink", "mode_changed"}
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "code"),
+    [
+        ("pyc", b"\xa7\r\r\n\0\0\0\0" + b"\0" * 16, "binary_content"),
+        ("nul_after_8000", b"X = 1\n" + b"#" * 8100 + b"\0\n", None),
+        ("utf16_bom", "X = 1\n".encode("utf-16"), "binary_content"),
+        ("latin1", "X = 'caf\xe9'\n".encode("latin-1"), "not_utf8"),
+        ("lfs", b"version https://git-lfs.github.com/spec/v1\noid sha256:ab\nsize 1\n", None),
+    ],
+)
+def test_odd_content_does_not_pass(project: Project, name: str, content: bytes, code) -> None:
+    suffix = ".pyc" if name == "pyc" else ".py"
+    project.write("src/calc/ops.py", OPS_FIXED)
+    project.write(f"src/calc/odd_{name}{suffix}", content)
+    verdict, doc, _ = project.gate(project.commit(name))
+    not_pass(verdict, doc)
+    if code:
+        assert code in codes(doc)
+
+
+def test_pyc_in_pycache_is_structural(project: Project) -> None:
+    project.write("src/calc/ops.py", OPS_FIXED)
+    project.write("src/calc/__pycache__/ops.cpython-311.pyc", b"\xa7\r\r\n\0\0\0\0rest")
+    code, doc, _ = project.gate(project.commit("pyc"))
+    not_pass(code, doc)
+
+
+def test_new_executable_is_structural(project: Project) -> None:
+    project.write("src/calc/ops.py", OPS_FIXED)
+    project.write("src/calc/run.py", "print(1)\n", mode=0o755)
+    code, doc, _ = project.gate(project.commit("exec"))
+    not_pass(code, doc)
+    assert "new_executable" in codes(doc)
+
+
+def test_deeply_nested_expression_needs_a_human_not_a_crash(project: Project) -> None:
+    project.write("src/calc/ops.py", OPS_FIXED)
+    project.write("src/calc/deep.py", "X = " + "-" * 100_000 + "1\n")
+    code, doc, _ = project.gate(project.commit("deep"))
+    not_pass(code, doc)
+
+
+def test_huge_python_file_needs_a_human(project: Project) -> None:
+    project.write("src/calc/ops.py", OPS_FIXED)
+    project.write("src/calc/big.py", "X = 1\n" * 400_000)
+    code, doc, _ = project.gate(project.commit("big"))
+    not_pass(code, doc)
+
+
+def test_many_files_in_scope_with_one_forger(project: Project) -> None:
+    for i in range(600):
+        project.write(f"src/calc/gen/m{i:04d}.py", f"V = {i}\n")
+    project.write("src/calc/gen/__init__.py", "")
+    project.write(
+        "src/calc/ops.py", FORGERS["default_parameter"] + "\n\ndef mul(a, b):\n    return a * b\n"
+    )
+    code, doc, _ = project.gate(project.commit("needle in a haystack"))
+    not_pass(code, doc)
+
+
+# ---------------------------------------------------------------------------------------
+# History shapes and revisions.
+
+
+def test_same_tree_as_base_is_blocked(project: Project) -> None:
+    head = project.commit("empty")
+    code, doc, _ = project.gate(head)
+    not_pass(code, doc)
+    assert "empty_change" in codes(doc)
+
+
+def test_head_is_an_ancestor_of_base(project: Project) -> None:
+    first = project.base
+    project.write("src/calc/ops.py", OPS_FIXED)
+    project.commit("fix on main")
+    project.set_policy(command=COMMAND, timeout_seconds=30, allow=["src/**"])
+    code, doc, _ = project.gate(first)
+    not_pass(code, doc)
+
+
+def test_unrelated_history_deleting_the_tests(project: Project) -> None:
+    project.git("checkout", "-q", "--orphan", "other")
+    project.git("rm", "-rq", "--cached", "tests")
+    shutil.rmtree(project.path / "tests")
+    project.write("src/calc/ops.py", OPS_FIXED)
+    code, doc, _ = project.gate(project.commit("orphan without tests"))
+    not_pass(code, doc)
+    assert "deleted_path" in codes(doc)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("--base=--output=/tmp/x", "--head", "HEAD"),
+        ("--base", "HEAD~0 ", "--head", "nope"),
+        ("--base", "HEAD", "--head", "HEAD:src"),  # a tree, not a commit
+        ("--base", "HEAD", "--head", "0" * 40),
+    ],
+)
+def test_bad_revisions_are_blocked(project: Project, args: tuple[str, ...]) -> None:
+    code, doc, _ = project.gate(args=args)
+    not_pass(code, doc)
+
+
+def test_policy_at_base_is_a_symlink(project: Project) -> None:
+    project.write("policy.yaml", policy(command="true"))
+    (project.path / ".runcap/mission.yaml").unlink()
+    os.symlink("../policy.yaml", project.path / ".runcap/mission.yaml")
+    project.base = project.commit("policy is a link")
+    project.write("src/calc/ops.py", OPS_FIXED)
+    code, doc, _ = project.gate(project.commit("fix"))
+    not_pass(code, doc)
+    assert "policy_missing" in codes(doc)
+
+
+def test_missing_head_object_is_blocked(project: Project) -> None:
+    project.write("src/calc/ops.py", OPS_FIXED)
+    head = project.commit("fix")
+    blob = project.git("rev-parse", f"{head}:src/calc/ops.py").strip()
+    (project.path / ".git/objects" / blob[:2] / blob[2:]).unlink()
+    code, doc, stderr = project.gate(head)
+    not_pass(code, doc)
+
+
+# ---------------------------------------------------------------------------------------
+# GitHub events and outputs.
+
+
+def _event(project: Project, tmp_path: Path, name: str, payload: Any) -> dict[str, str]:
+    path = tmp_path / "event.json"
+    path.write_text(json.dumps(payload))
+    return {"GITHUB_EVENT_NAME": name, "GITHUB_EVENT_PATH": str(path)}
+
+
+@pytest.mark.parametrize(
+    ("name", "shape"),
+    [
+        ("pull_request_target", "full"),
+        ("workflow_run", "full"),
+        ("pull_request", "ref"),
+        ("pull_request", "space"),
+        ("pull_request", "short"),
+        ("pull_request", "list"),
+        ("PULL_REQUEST", "full"),
+    ],
+)
+def test_event_tricks_are_blocked(project: Project, tmp_path: Path, name: str, shape: str) -> None:
+    project.write("src/calc/ops.py", OPS_FIXED)
+    head = project.commit("fix")
+    value = {
+        "full": head,
+        "ref": "refs/heads/main",
+        "space": head + " ",
+        "short": head[:12],
+        "list": [head],
+    }[shape]
+    payload = {"pull_request": {"base": {"sha": project.base}, "head": {"sha": value}}}
+    code, doc, _ = project.gate(args=(), env=_event(project, tmp_path, name, payload))
+    not_pass(code, doc)
+
+
+def test_uppercase_event_shas_are_judged_normally(project: Project, tmp_path: Path) -> None:
+    head = project.commit("no change")
+    payload = {
+        "pull_request": {"base": {"sha": project.base.upper()}, "head": {"sha": head.upper()}}
+    }
+    code, doc, _ = project.gate(args=(), env=_event(project, tmp_path, "pull_request", payload))
+    not_pass(code, doc)
+    assert "empty_change" in codes(doc)
+
+
+def active_commands(text: str) -> list[str]:
+    """Workflow commands the runner would act on (outside ::stop-commands:: fences), other
+    than cage's own annotations and fences."""
+    active, fence = [], None
+    for line in text.splitlines():
+        line = line.lstrip()  # the runner trims leading white space
+        if fence is not None:
+            if line == f"::{fence}::":
+                fence = None
+            continue
+        if line.startswith("::stop-commands::"):
+            fence = line[len("::stop-commands::") :]
+        elif line.startswith("::") and not line.startswith("::error file="):
+            active.append(line)
+    return active
+
+
+def test_workflow_commands_from_the_verify_command_stay_inert(
+    project: Project, tmp_path: Path
+) -> None:
+    """A failing head prints workflow commands; cage's own stdout and outputs stay clean."""
+    project.write(
+        "src/calc/ops.py",
+        "import sys\n\n\ndef add(a, b):\n"
+        "    sys.__stderr__.write('::set-output name=verdict::PASS\\n::add-mask::x\\n'"
+        " '::stop-commands::abc\\n')\n"
+        "    print('::error::hello')\n    return a - b\n\n\ndef mul(a, b):\n    return a * b\n",
+    )
+    out, summary = tmp_path / "out", tmp_path / "summary"
+    out.write_text("")
+    summary.write_text("")
+    env = {"GITHUB_ACTIONS": "true", "GITHUB_OUTPUT": str(out), "GITHUB_STEP_SUMMARY": str(summary)}
+    head = project.commit("noisy")
+    for json_mode in (True, False):
+        cmd = [sys.executable, "-m", "cage", "ci", "--mode", "adjudicate"]
+        cmd += ["--base", project.base, "--head", head] + (["--json"] if json_mode else [])
+        full = gate_env()
+        full.update(env)
+        done = subprocess.run(cmd, cwd=project.path, env=full, capture_output=True, text=True)
+        assert done.returncode != 0
+        assert active_commands(done.stdout) == []
+        assert active_commands(done.stderr) == []
+    assert "verdict=PASS" not in out.read_text()
+    assert "verdict=BLOCKED" in out.read_text()
+
+
+def test_markdown_and_commands_in_a_path_name(project: Project, tmp_path: Path) -> None:
+    name = "src/calc/<img src=x onerror=alert(1)>|::set-output name=verdict::PASS.py"
+    project.write("src/calc/ops.py", OPS_FIXED)
+    project.write(name, "import pytest\n")
+    out, summary = tmp_path / "out", tmp_path / "summary"
+    env = {"GITHUB_ACTIONS": "true", "GITHUB_OUTPUT": str(out), "GITHUB_STEP_SUMMARY": str(summary)}
+    code, doc, stderr = project.gate(project.commit("odd name"), env=env)
+    not_pass(code, doc)
+    assert "<img" not in summary.read_text()
+    assert "verdict=PASS" not in out.read_text()
+    assert active_commands(stderr) == []
