@@ -634,6 +634,7 @@ def test_missing_head_object_is_blocked(project: Project) -> None:
     (project.path / ".git/objects" / blob[:2] / blob[2:]).unlink()
     code, doc, stderr = project.gate(head)
     not_pass(code, doc)
+    assert code == 1 and "Traceback" not in stderr, doc["reasons"]
 
 
 # ---------------------------------------------------------------------------------------
