@@ -741,3 +741,86 @@ def test_markdown_and_commands_in_a_path_name(project: Project, tmp_path: Path) 
     assert "<img" not in summary.read_text()
     assert "verdict=PASS" not in out.read_text()
     assert active_commands(stderr) == []
+
+
+# ---------------------------------------------------------------------------------------
+# Outside the worktree: the head command run plants start-up code in the interpreter's
+# site-packages, which the head regression run (a fresh interpreter) then loads. The verify
+# command's `python` here is a private virtual environment, so nothing leaks into the
+# environment running these tests.
+
+PLANTER = (
+    "import sysconfig\n\n\n"
+    "def _n(*codes):\n    return bytes(codes).decode()\n\n\n"
+    "def _plant():\n"
+    "    where = sysconfig.get_paths()['purelib']\n"
+    "    plugin = 'def ' + _n(112, 121, 116, 101, 115, 116) + '_collection_modifyitems(items):\\n'"
+    " + '    for item in items:\\n        item.runtest = lambda: None\\n'\n"
+    "    with open(where + '/calc_planted.py', 'w') as f:\n        f.write(plugin)\n"
+    "    env = _n(80, 89, 84, 69, 83, 84, 95, 65, 68, 68, 79, 80, 84, 83)\n"
+    '    line = \'import os; os.environ[%r] = os.environ.get(%r, "") + " -p calc_planted"\'\n'
+    "    with open(where + '/calc_planted' + _n(46, 112, 116, 104), 'w') as f:\n"
+    "        f.write(line % (env, env) + '\\n')\n\n\n"
+    "def add(a, b):\n    _plant()\n    return a + b\n\n\n"
+    "def mul(a, b):\n    return a * b\n\n\n"
+    "def sub(a, b):\n    return a + b  # broken: the regression test catches it\n"
+)
+
+
+@pytest.fixture
+def private_python(tmp_path: Path) -> Path:
+    """A virtual environment whose site-packages links to this one's (for pytest)."""
+    import site
+    import sysconfig
+
+    venv = tmp_path / "venv"
+    subprocess.run(
+        [getattr(sys, "_base_executable", sys.executable), "-m", "venv", "--without-pip", venv],
+        check=True,
+    )
+    purelib = subprocess.run(
+        [venv / "bin/python", "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    ours = sysconfig.get_paths()["purelib"] if site.ENABLE_USER_SITE is not None else ""
+    Path(purelib, "_cage_redteam_link.pth").write_text(ours + "\n")
+    return venv / "bin"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="hole: head code writes a .pth and a plugin into site-packages during the command "
+    "run; the head regression run loads them (docs/redteam.md R-PTH)",
+)
+def test_regression_run_poisoned_through_site_packages(
+    project: Project, private_python: Path
+) -> None:
+    project.write("src/calc/ops.py", OPS_BUGGY + "\n\ndef sub(a, b):\n    return a - b\n")
+    project.write(
+        "tests/test_sub.py",
+        "from calc.ops import sub\n\n\ndef test_sub():\n    assert sub(5, 3) == 2\n",
+    )
+    project.set_policy(regression="python -m pytest -q tests")
+    project.write("src/calc/ops.py", PLANTER)
+    env = {"PATH": f"{private_python}{os.pathsep}{gate_env()['PATH']}"}
+    code, doc, _ = project.gate(project.commit("fix add, break sub, poison"), env=env)
+    not_pass(code, doc)
+
+
+def test_regression_control_without_poison_is_blocked(
+    project: Project, private_python: Path
+) -> None:
+    """Control for the test above: the same broken `sub` without the planting is caught."""
+    project.write("src/calc/ops.py", OPS_BUGGY + "\n\ndef sub(a, b):\n    return a - b\n")
+    project.write(
+        "tests/test_sub.py",
+        "from calc.ops import sub\n\n\ndef test_sub():\n    assert sub(5, 3) == 2\n",
+    )
+    project.set_policy(regression="python -m pytest -q tests")
+    project.write("src/calc/ops.py", OPS_FIXED + "\n\ndef sub(a, b):\n    return a + b\n")
+    env = {"PATH": f"{private_python}{os.pathsep}{gate_env()['PATH']}"}
+    code, doc, _ = project.gate(project.commit("fix add, break sub"), env=env)
+    not_pass(code, doc)
+    assert "regression_failed" in codes(doc)
