@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -70,6 +71,24 @@ def test_reset_restores_base_and_keeps_receipts(demo_repo):
     assert repository.BUGGY_LINE in (repo / repository.OPS_PATH).read_text()
     assert not (repo / "src" / "new.py").exists()
     assert receipt.exists()
+
+
+def test_a_quick_same_size_edit_after_a_reset_reaches_the_mission_snapshot(demo_repo):
+    """The agent's one-character fix lands within a second of the reset; the snapshot
+    (`cage mission run`'s, from a copy of the index) must still see it."""
+    from cage import gitio
+
+    repo, base = demo_repo
+    repository.reset_repository(repo, base)
+    ops = repo / repository.OPS_PATH
+    ops.write_text(ops.read_text().replace(repository.BUGGY_LINE, repository.FIXED_LINE))
+    time.sleep(1.02 - time.time() % 1.0)  # the index copy is made in a later second
+    git = gitio.Repo(repo)
+    try:
+        snapshot = git.snapshot(ref="refs/cage/missions/quick", message="snapshot")
+    finally:
+        git.close()
+    assert snapshot.tree != repository.git(repo, "rev-parse", f"{base}^{{tree}}").strip()
 
 
 def _run_agent(name: str, repo: Path, proxy, log: Path) -> subprocess.CompletedProcess[str]:

@@ -18,6 +18,7 @@ import json
 import os
 import shlex
 import subprocess
+import time
 from pathlib import Path
 
 from cage.errors import GitError
@@ -200,3 +201,20 @@ def reset_repository(repo: Path, base: str) -> None:
     git(repo, "reset", "-q", "--hard", base)
     # Receipts are untracked (cage mission run leaves them out of its snapshots): kept.
     git(repo, "clean", "-q", "-fd", "-e", f"/{OUTCOMES_DIR}/")
+    age_checkout(repo)
+
+
+def age_checkout(repo: Path, seconds: float = 60.0) -> None:
+    """Date the tracked files ``seconds`` back and refresh the index's stat cache.
+
+    A scripted agent edits a file within a second of this reset, often without changing its
+    size (``-`` -> ``+``). git's stat cache cannot tell such an edit from the checked-out file
+    when the index it reads is newer than the edit, and ``cage mission run`` snapshots from a
+    copy of the index (a fresh file, so newer): the edit would vanish from the snapshot. With
+    the recorded times a minute old, any edit changes the file's mtime in whole seconds.
+    """
+    listed = git(repo, "ls-files", "-z")
+    then = time.time() - seconds
+    for rel in filter(None, listed.split("\0")):
+        os.utime(repo / rel, (then, then), follow_symlinks=False)
+    git(repo, "update-index", "-q", "--refresh")
