@@ -734,6 +734,8 @@ def run_command(
 
     env = scrubbed_env()
     env["PYTEST_ADDOPTS"] = _pytest_addopts(report_path, cache_dir)
+    # A .pth planted in the user's site directory by one run must not load into the next.
+    env["PYTHONNOUSERSITE"] = "1"
 
     with _run_lock, _Interrupts() as interrupts:
         _prepare_cage_process()
