@@ -69,7 +69,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--mode",
         choices=("adjudicate", "grade"),
         required=True,
-        help="adjudicate: replay the verify command and print a verdict",
+        help="adjudicate: replay the verify command and print a verdict; grade: an advisory "
+        "report of the mission receipts in the change (claimed, not attested; never gates)",
     )
     parser.add_argument("--base", metavar="REV", help="base commit (SHA or ref); with --head")
     parser.add_argument("--head", metavar="REV", help="head commit (SHA or ref); with --base")
@@ -89,7 +90,9 @@ def _progress(message: str) -> None:
 def run(args: argparse.Namespace) -> int:
     """Adjudicate base..head (from the options or the GitHub event) and report the verdict."""
     if args.mode == "grade":
-        raise UsageError("`cage ci --mode grade` is not available yet; use --mode adjudicate")
+        from cage import grade  # advisory report of the change's receipts; never gates
+
+        return grade.run(args)
     if (args.base is None) != (args.head is None):
         raise UsageError("give both --base and --head, or neither (then the GitHub event is read)")
     from cage import adjudicate as adj
