@@ -95,6 +95,11 @@ def test_spend_is_real_ledger_data_and_the_spinner_stays_under_the_cap(demo_run)
         sum(m["spend"]["cost_usd"] for m in document["missions"]), abs=1e-5
     )
     assert len(totals["by_model"]) == 2
+    voc = document["verified_outcome_cost"]
+    assert (voc["outcomes"], voc["verified_outcomes"]) == (3, 1)
+    assert voc["verified_spend_usd"] == pytest.approx(
+        by_id["honest-fix"]["spend"]["cost_usd"], abs=1e-6
+    )
 
 
 def test_the_users_ledger_is_untouched_and_the_directory_removed(demo_run):
@@ -137,6 +142,7 @@ def test_text_keep_and_an_unexpected_verdict(monkeypatch, capsys, tmp_path):
         assert "\033[" not in out  # no colour when stdout is not a terminal
         assert "-m unittest -q tests.test_ops  (evidence: exit-code)" in out
         assert "pytest is not installed here" in out
+        assert "Verified Outcome Cost over 1 mission(s), 0 verified" in out
         assert "FAILED" in out
         assert "spinner ended BLOCKED, expected PASS" in err
         receipt = kept[0] / "calc" / ".runcap" / "outcomes" / "spinner" / "receipt.json"

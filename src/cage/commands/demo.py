@@ -172,6 +172,11 @@ def _print_text(result: Any, *, kept: bool) -> None:
         out.append("")
     out.extend(_spend_table(result))
     out.append("")
+    if result.voc is not None:
+        from cage.outcome import voc_lines
+
+        out.extend(voc_lines(result.voc))
+        out.append("")
     receipts = result.receipts_dir / "<id>" / "receipt.json"
     if kept:
         out.append(f"receipts: {receipts}")

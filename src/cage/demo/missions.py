@@ -140,6 +140,7 @@ class DemoResult:
     missions: list[MissionResult]
     totals: dict[str, Any]
     duration_s: float
+    voc: dict[str, Any] | None = None
 
     @property
     def ok(self) -> bool:
@@ -158,6 +159,7 @@ class DemoResult:
             "ok": self.ok,
             "missions": [m.to_dict() for m in self.missions],
             "totals": self.totals,
+            "verified_outcome_cost": self.voc,
             "budget_usd": repository.BUDGET_USD,
             "verify": {
                 "command": self.verify_command,
@@ -230,6 +232,7 @@ def run_demo(
     repository.reset_repository(repo, base)
     totals = collect_spend(ledger, results)
     return DemoResult(
+        voc=verified_outcome_cost(results),
         directory=directory,
         repo=repo,
         ledger=ledger,
@@ -321,6 +324,14 @@ def _wait_for_mission(proc: subprocess.Popen[bytes]) -> int:
             proc.kill()
             proc.wait()
         raise
+
+
+def verified_outcome_cost(results: list[MissionResult]) -> dict[str, Any] | None:
+    """The Verified Outcome Cost over the missions' receipts (``cage outcome list``'s)."""
+    from cage import outcome
+
+    receipts = [outcome.read_receipt(r.receipt_path) for r in results if r.verdict is not None]
+    return outcome.verified_outcome_cost(receipts) if receipts else None
 
 
 def read_receipt(path: Path) -> tuple[str | None, list[dict[str, Any]], str | None]:
