@@ -1064,8 +1064,12 @@ def adjudicate(
     *,
     spend_evidence_path: str | None = None,
     progress: Callable[[str], None] | None = None,
+    policy: Any = None,
 ) -> Verdict:
     """The whole gate: resolve, read the base policy, classify, replay if it can matter, decide.
+
+    ``policy`` (a ``cage.policy.Policy``, for ``cage mission run --policy FILE``) replaces the
+    base commit's policy and is reported with ``source: "file"``; CI never passes one.
 
     Never raises for bad input or an internal failure: those become a ``BLOCKED`` verdict
     (``internal_error`` keeps the error text in ``Verdict.error``). KeyboardInterrupt
@@ -1073,7 +1077,9 @@ def adjudicate(
     """
     started = time.monotonic()
     try:
-        verdict = _adjudicate(repo_path, base_rev, head_rev, spend_evidence_path, progress)
+        verdict = _adjudicate(
+            repo_path, base_rev, head_rev, spend_evidence_path, progress, given_policy=policy
+        )
     except Exception as exc:  # fail closed: an unexpected error must never look like a PASS
         verdict = blocked(
             "internal_error", f"cage failed while adjudicating: {type(exc).__name__}: {exc}"
@@ -1089,6 +1095,7 @@ def _adjudicate(
     head_rev: str,
     spend_evidence_path: str | None,
     progress: Callable[[str], None] | None,
+    given_policy: Any = None,
 ) -> Verdict:
     from cage import gitio, pathrules
     from cage import policy as policy_mod
@@ -1123,7 +1130,8 @@ def _adjudicate(
 
     clock = time.monotonic()
     policy_path = policy_mod.POLICY_PATH
-    data = repo.read_file_at(base, policy_path)
+    # A policy given by the caller (`cage mission run --policy FILE`) replaces the base's.
+    data = repo.read_file_at(base, policy_path) if given_policy is None else b""
     if data is None:
         entry = repo.entry_at(base, policy_path) if hasattr(repo, "entry_at") else None
         what = "does not exist" if entry is None else f"is not a regular file (mode {entry.mode})"
@@ -1137,7 +1145,7 @@ def _adjudicate(
         )
     policy_info = {"path": policy_path, "hash": policy_mod.hash_policy(data), "source": "base"}
     try:
-        policy = policy_mod.load_policy(data, f"{policy_path}@{base[:12]}")
+        policy = given_policy or policy_mod.load_policy(data, f"{policy_path}@{base[:12]}")
     except PolicyError as exc:
         verdict = Verdict(
             BLOCKED,
@@ -1150,6 +1158,8 @@ def _adjudicate(
         verdict.verdict, verdict.reasons = decide(verdict.reasons)
         return verdict
     policy_info["hash"] = policy.hash
+    if given_policy is not None:
+        policy_info.update(path=given_policy.source, source="file")
     timings["policy_s"] = time.monotonic() - clock
     spend = spend_not_evaluated(policy, spend_evidence_path)
 
