@@ -140,3 +140,14 @@ def test_event_gives_the_revisions(pr, capsys, monkeypatch, tmp_path):
     monkeypatch.setenv("GITHUB_EVENT_PATH", str(event))
     assert grade.run(namespace(pr.path)) == 0
     assert json.loads(capsys.readouterr().out)["head"] == pr.head_sha
+
+
+def test_cage_ci_mode_grade_dispatches_here(pr, capsys):
+    from cage.cli import main
+
+    code = main(
+        ["ci", "--mode", "grade", "--repo", str(pr.path), "--base", pr.base, "--head", pr.head_sha]
+    )
+    assert code == 0
+    assert "claimed (not attested)" in capsys.readouterr().out
+    assert main(["ci", "--mode", "grade", "--repo", str(pr.path), "--base", pr.base]) == 2

@@ -776,7 +776,8 @@ def run_mission(options: MissionOptions) -> MissionResult:
     # stop for budget, runtime or Ctrl-C the mission is BLOCKED whatever the change is.
     certain = [r["code"] for r in mission_reasons if r["code"] in _BLOCKING_MISSION_REASONS]
     if snapshot is not None and not certain:
-        verdict_doc, interrupted_now = _adjudicate(root, base, snapshot.commit, options)
+        given = policy if policy_info["source"] == "file" else None
+        verdict_doc, interrupted_now = _adjudicate(root, base, snapshot.commit, options, given)
         if interrupted_now:
             interrupted = True
             certain = ["mission_interrupted"]
@@ -883,14 +884,15 @@ def _changes_without_findings(root: Path, base: str, snapshot: Any) -> list[dict
 
 
 def _adjudicate(
-    root: Path, base: str, head: str, options: MissionOptions
+    root: Path, base: str, head: str, options: MissionOptions, policy: Any = None
 ) -> tuple[dict[str, Any] | None, bool]:
-    """The CI adjudication of base..head; (verdict document, interrupted)."""
+    """The CI adjudication of base..head, under ``policy`` when given (``--policy FILE``)
+    instead of the base commit's; returns (verdict document, interrupted)."""
     from cage.adjudicate import adjudicate
 
     _say(options, f"adjudicating {base[:12]}..{head[:12]} (the same code as `cage ci`)")
     try:
-        verdict = adjudicate(root, base, head, progress=options.progress)
+        verdict = adjudicate(root, base, head, progress=options.progress, policy=policy)
     except KeyboardInterrupt:
         return None, True
     if verdict.error:

@@ -394,6 +394,8 @@ def test_missing_agent_program_and_missing_command(mission):
 def test_agent_that_edits_the_test_needs_a_human_policy_file_recorded(mission, tmp_path):
     other = tmp_path / "mission.yaml"
     other.write_text(policy(mission_hard_limit_usd=0.07))
+    mission.repo.remove(".runcap/mission.yaml")  # no policy at base: the file is the policy
+    mission.repo.commit("no policy yet")
     done = mission.run("edit-test", "--id", "cheat", "--policy", str(other))
     assert done.returncode == 3, done.stderr
     assert "CI reads the policy from the base commit" in done.stderr
@@ -404,6 +406,9 @@ def test_agent_that_edits_the_test_needs_a_human_policy_file_recorded(mission, t
     assert receipt["policy"]["source"] == "file"
     assert receipt["policy"]["path"] == str(other)
     assert receipt["spend"]["cap_usd"] == 0.07
+    # The adjudication ran under the same file (not policy_missing at base).
+    assert receipt["policy"]["verdict_policy"]["source"] == "file"
+    assert receipt["policy"]["verdict_policy"]["hash"] == receipt["policy"]["hash"]
 
 
 def test_no_policy_at_base_is_refused(tmp_path):
