@@ -199,3 +199,19 @@ def test_mission_reason_codes_are_documented_and_distinct_from_the_gates():
     for code in mission.MISSION_REASONS:
         assert f"`{code}`" in docs, code
         assert code not in adjudicate.REASON_CODES
+
+
+def test_snapshot_sees_a_same_size_edit_in_the_index_timestamp(git_repo):
+    """A "racily clean" entry (file not older than the index) must be re-read: the copied
+    index keeps the real one's mtime, or git would trust stale stat data."""
+    git_repo.git("config", "core.trustctime", "false")  # as on file systems without ctime
+    path = git_repo.write("a.txt", "old\n")
+    stamp = 1_700_000_000
+    os.utime(path, (stamp, stamp))
+    git_repo.commit("base")
+    os.utime(git_repo.path / ".git" / "index", (stamp, stamp))
+    path.write_text("new\n")  # same size, same mtime: only the content tells
+    os.utime(path, (stamp, stamp))
+    with gitio.Repo(git_repo.path) as r:
+        snap = r.snapshot(ref="refs/cage/missions/racy", message="snap")
+    assert git_repo.git("show", f"{snap.commit}:a.txt") == "new\n"

@@ -508,7 +508,10 @@ class Repo:
             env = {"GIT_INDEX_FILE": str(index)}
             copied = False
             with contextlib.suppress(OSError):
-                shutil.copyfile(self.git_dir / "index", index)
+                # copy2 keeps the index's mtime: git re-hashes "racily clean" entries (files
+                # not older than the index), and a fresh mtime on the copy would hide a quick
+                # same-size edit behind stale stat data.
+                shutil.copy2(self.git_dir / "index", index)
                 copied = True
             what = "staging the working tree in a temporary index"
             try:
