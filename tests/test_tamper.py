@@ -399,6 +399,22 @@ CASES: list[tuple[str, str, str]] = [
         "import importlib\ndef f(name):\n    return importlib.import_module(name).VERSION\n",
     ),
     (
+        "walks_heap",
+        "import sys\ndef f():\n    for m in list(sys.modules.values()):\n        print(m)\n",
+        "import sys\ndef f():\n    return sys.modules[__name__]\n",
+    ),
+    (
+        "walks_heap",
+        "import sys\ndef f():\n    return [m for m in sys.modules]\n",
+        "import sys\ndef f():\n    return sys.modules.get('json')\n",
+    ),
+    (
+        "walks_heap",
+        "import sys\ndef f():\n    name = bytes([111, 115]).decode()\n"
+        "    return sys.modules[name]\n",
+        "import sys\ndef f(obj):\n    return sys.modules[obj.__module__]\n",
+    ),
+    (
         "ctypes_interpreter_access",
         "import ctypes\ndef f():\n    ctypes.CDLL(None).exit(0)\n",
         "import ctypes\nLIBM = ctypes.CDLL('libm.so.6')\n",

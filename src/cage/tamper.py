@@ -254,6 +254,8 @@ class Module:
     looked_into: set[int] = field(default_factory=set)
     # Sub-expression id -> the string expression it is part of (judged whole when it folds).
     string_parent: dict[int, ast.AST] = field(default_factory=dict)
+    # name -> every expression assigned to it anywhere in the file (`name = ...`)
+    assigned: dict[str, list[ast.AST]] = field(default_factory=dict)
     callees: dict[str, list[str]] = field(default_factory=dict)  # local call graph
     bound: dict[str, ast.AST] = field(default_factory=dict)  # `name = other.name` bindings
     _resolving: set[str] = field(default_factory=set)
@@ -881,6 +883,34 @@ def _m_calls(names: frozenset, verb: str) -> Matcher:
     return matcher
 
 
+_WALKERS = frozenset({"list", "dict", "tuple", "set", "frozenset", "sorted", "iter", "enumerate"})
+
+
+def _m_walks_heap(node: ast.AST, scope: Scope, module: Module) -> str | None:
+    if isinstance(node, (ast.For, ast.AsyncFor, ast.comprehension)):
+        if module.resolve(node.iter) == "sys.modules":
+            return "iterates over sys.modules"
+        return None
+    if isinstance(node, ast.Subscript):
+        if module.resolve(node.value) == "sys.modules" and _decodes(node.slice, module):
+            return "looks a decoded name up in sys.modules"
+        return None
+    if not isinstance(node, ast.Call):
+        return None
+    name = module.resolve(node.func)
+    if name in HEAP_CALLS:
+        return f"calls {name}"
+    func = node.func
+    if isinstance(func, ast.Attribute) and module.resolve(func.value) == "sys.modules":
+        if func.attr in {"values", "items", "keys", "copy", "__iter__"}:
+            return f"walks sys.modules.{func.attr}()"
+        if func.attr == "get" and node.args and _decodes(node.args[0], module):
+            return "looks a decoded name up in sys.modules"
+    if name in _WALKERS and node.args and module.resolve(node.args[0]) == "sys.modules":
+        return f"walks sys.modules with {name}()"
+    return None
+
+
 def _m_inspects_caller_frames(node: ast.AST, scope: Scope, module: Module) -> str | None:
     if isinstance(node, ast.Attribute) and node.attr in FRAME_ATTRIBUTES:
         return f"reads the frame attribute {node.attr}"
@@ -956,6 +986,17 @@ def _decodes(node: ast.AST, module: Module, depth: int = 0) -> bool:
     """True when ``node`` builds text by decoding (bytes(...).decode(), chr, base64...),
     directly or through a function of this file."""
     for sub in ast.walk(node):
+        if isinstance(sub, ast.Name) and isinstance(sub.ctx, ast.Load) and depth < 3:
+            # `name = bytes(...).decode()` then `sys.modules[name]`: follow the binding.
+            key = "=" + sub.id
+            if key not in module._resolving:
+                module._resolving.add(key)
+                try:
+                    values = module.assigned.get(sub.id, ())
+                    if any(_decodes(v, module, depth + 1) for v in values):
+                        return True
+                finally:
+                    module._resolving.discard(key)
         if not isinstance(sub, ast.Call):
             continue
         inner = module.resolve(sub.func) or ""
@@ -1368,10 +1409,12 @@ RULES: tuple[Rule, ...] = (
     ),
     Rule(
         "walks_heap",
-        "gc.get_objects, gc.get_referrers, gc.get_referents",
-        "walking the heap finds the test functions and the harness's objects to patch",
-        _m_calls(HEAP_CALLS, "calls"),
-        (ast.Call,),
+        "gc.get_objects, gc.get_referrers, gc.get_referents; walking sys.modules (values(), "
+        "items(), iteration, list(sys.modules)) or looking a decoded name up in it",
+        "walking the heap or the module table finds the harness's objects to patch without "
+        "naming them (a TestReport whose outcome is rewritten before pytest counts it)",
+        _m_walks_heap,
+        (ast.Call, ast.For, ast.AsyncFor, ast.comprehension, ast.Subscript),
     ),
     Rule(
         "replaces_code_object",
@@ -1746,12 +1789,14 @@ def _learn_positions(module: Module, node: ast.AST) -> None:
             parent[id(value)] = node
             if isinstance(value, ast.FormattedValue):
                 parent[id(value.value)] = node
-    elif (
-        isinstance(node, ast.Assign)
-        and isinstance(node.value, (ast.Name, ast.Attribute))
-        and all(isinstance(t, ast.Name) for t in node.targets)
-    ):
-        looked.add(id(node.value))  # `o = os`: the resolver follows plain bindings
+    elif isinstance(node, ast.Assign):
+        for target in node.targets:
+            if isinstance(target, ast.Name):
+                module.assigned.setdefault(target.id, []).append(node.value)
+        if isinstance(node.value, (ast.Name, ast.Attribute)) and all(
+            isinstance(t, ast.Name) for t in node.targets
+        ):
+            looked.add(id(node.value))  # `o = os`: the resolver follows plain bindings
 
 
 def _learn(module: Module, node: ast.AST, scope: Scope, docstrings: set[int]) -> None:

@@ -824,3 +824,44 @@ def test_regression_control_without_poison_is_blocked(
     code, doc, _ = project.gate(project.commit("fix add, break sub"), env=env)
     not_pass(code, doc)
     assert "regression_failed" in codes(doc)
+
+
+# ---------------------------------------------------------------------------------------
+# Third wave: patch the test framework through objects the scanner cannot name. The
+# outcome is rewritten before pytest counts it, so the report, the summary line and the
+# exit status all agree: a real pytest run that says "3 passed".
+
+PATCH_REPORTS = (
+    "import sys\n\n\n"
+    "def _patch():\n"
+    "    for mod in list(sys.modules.values()):\n"
+    "        cls = getattr(mod, 'TestReport', None)\n"
+    "        if cls is None or not hasattr(cls, 'from_item_and_call'):\n"
+    "            continue\n"
+    "        make = cls.from_item_and_call.__func__\n\n"
+    "        def fixed(kind, item, call, _make=make):\n"
+    "            report = _make(kind, item, call)\n"
+    "            report.outcome, report.longrepr = 'passed', None\n"
+    "            return report\n\n"
+    "        cls.from_item_and_call = classmethod(fixed)\n\n\n"
+    "def add(a, b):\n    _patch()\n    return a - b\n\n\n"
+    "def mul(a, b):\n    return a * b\n"
+)
+
+
+def test_outcomes_rewritten_through_the_module_table(project: Project) -> None:
+    project.write("src/calc/ops.py", PATCH_REPORTS)
+    code, doc, _ = project.gate(project.commit("rewrite outcomes"))
+    not_pass(code, doc)
+
+
+def test_outcomes_rewritten_through_a_decoded_module_name(project: Project) -> None:
+    source = PATCH_REPORTS.replace(
+        "    for mod in list(sys.modules.values()):\n",
+        "    name = bytes([95, 112, 121, 116, 101, 115, 116, 46, 114, 101, 112, 111, 114, 116,"
+        " 115]).decode()\n    for mod in [sys.modules[name]]:\n",
+    )
+    assert "sys.modules.values" not in source
+    project.write("src/calc/ops.py", source)
+    code, doc, _ = project.gate(project.commit("rewrite outcomes, decoded"))
+    not_pass(code, doc)
