@@ -415,6 +415,26 @@ CASES: list[tuple[str, str, str]] = [
         "import sys\ndef f(obj):\n    return sys.modules[obj.__module__]\n",
     ),
     (
+        "inspects_caller_frames",
+        "import sys\ndef f():\n    return type(sys.stdout).name.fget.__globals__\n",
+        "def f(g):\n    return g.__name__\n",
+    ),
+    (
+        "inspects_caller_frames",
+        "def f(x):\n    return getattr(x, '__glo' + 'bals__')\n",
+        "def f(x):\n    return getattr(x, '__na' + 'me__')\n",
+    ),
+    (
+        "dynamic_attribute_on_runtime_module",
+        "def f(x):\n    return getattr(x, bytes([110, 97]).decode())\n",
+        "def f(x, name):\n    return getattr(x, name)\n",
+    ),
+    (
+        "dynamic_attribute_on_runtime_module",
+        "def f(x, raw):\n    return x.__getattribute__(raw.decode())\n",
+        "def f(x):\n    return x.__getattribute__('size')\n",
+    ),
+    (
         "ctypes_interpreter_access",
         "import ctypes\ndef f():\n    ctypes.CDLL(None).exit(0)\n",
         "import ctypes\nLIBM = ctypes.CDLL('libm.so.6')\n",

@@ -148,6 +148,9 @@ FRAME_CALLS = frozenset(
 )
 FRAME_ATTRIBUTES = frozenset(
     {"f_back", "f_locals", "f_globals", "f_builtins", "tb_frame", "gi_frame", "cr_frame"}
+    # A function's globals are its module's namespace: from any object the harness hands
+    # over (the capture stream in sys.stdout) they lead to the harness's modules.
+    | {"__globals__", "__closure__", "ag_frame"}
 )
 TRACER_CALLS = frozenset(
     {
@@ -914,6 +917,9 @@ def _m_walks_heap(node: ast.AST, scope: Scope, module: Module) -> str | None:
 def _m_inspects_caller_frames(node: ast.AST, scope: Scope, module: Module) -> str | None:
     if isinstance(node, ast.Attribute) and node.attr in FRAME_ATTRIBUTES:
         return f"reads the frame attribute {node.attr}"
+    text = _folded_text(node, module)
+    if text is not None and text in FRAME_ATTRIBUTES:
+        return f"names the frame attribute {text}"
     return _m_calls(FRAME_CALLS, "calls")(node, scope, module)
 
 
@@ -982,6 +988,12 @@ def _m_obfuscated_code_execution(node: ast.AST, scope: Scope, module: Module) ->
     return None
 
 
+# Methods that produce text a reader of the source cannot see: decoding, or reading a file.
+DECODING_METHODS = frozenset(
+    {"decode", "translate", "fromhex", "read", "read_text", "read_bytes", "readline"}
+)
+
+
 def _decodes(node: ast.AST, module: Module, depth: int = 0) -> bool:
     """True when ``node`` builds text by decoding (bytes(...).decode(), chr, base64...),
     directly or through a function of this file."""
@@ -1001,7 +1013,7 @@ def _decodes(node: ast.AST, module: Module, depth: int = 0) -> bool:
             continue
         inner = module.resolve(sub.func) or ""
         method = sub.func.attr if isinstance(sub.func, ast.Attribute) else ""
-        if DECODERS.match(inner) or method in {"decode", "translate", "fromhex"}:
+        if DECODERS.match(inner) or method in DECODING_METHODS:
             return True
         local = sub.func.id if isinstance(sub.func, ast.Name) else None
         if local in module.functions and depth < 3 and local not in module._resolving:
@@ -1148,13 +1160,24 @@ def _m_parent_process_access(node: ast.AST, scope: Scope, module: Module) -> str
 def _m_dynamic_attribute_on_runtime_module(
     node: ast.AST, scope: Scope, module: Module
 ) -> str | None:
-    if not isinstance(node, ast.Call) or len(node.args) < 2:
+    if not isinstance(node, ast.Call):
         return None
-    verb = module.resolve(node.func)
-    if verb not in {"getattr", "setattr", "delattr"} or _is_str(node.args[1]):
+    func = node.func
+    if isinstance(func, ast.Attribute) and func.attr in {"__getattribute__", "__getattr__"}:
+        # x.__getattribute__(name) is getattr(x, name) in disguise
+        if node.args and _decodes(node.args[-1], module):
+            return f"calls {func.attr} with a decoded name"
         return None
+    if len(node.args) < 2:
+        return None
+    verb = module.resolve(func)
+    if verb not in {"getattr", "setattr", "delattr", "hasattr"} or _is_str(node.args[1]):
+        return None
+    if module.fold(node.args[1]) is None and _decodes(node.args[1], module):
+        # a name decoded from bytes or character codes hides what is reached, on any object
+        return f"calls {verb} with a decoded name"
     target = module.resolve(node.args[0])
-    if _root(target) in RUNTIME_MODULES:
+    if verb != "hasattr" and _root(target) in RUNTIME_MODULES:
         return f"calls {verb} on {target} with a computed name"
     return None
 
@@ -1402,10 +1425,12 @@ RULES: tuple[Rule, ...] = (
     ),
     Rule(
         "inspects_caller_frames",
-        "sys._getframe, inspect.stack/currentframe, f_back, f_locals, f_globals",
-        "the caller's frame is the test: its locals and expected values can be read or changed",
+        "sys._getframe, inspect.stack/currentframe, f_back, f_locals, f_globals, a "
+        "function's __globals__ or __closure__ (also named by a string)",
+        "the caller's frame is the test: its locals and expected values can be read or "
+        "changed; function globals lead from any harness object to the harness's modules",
         _m_inspects_caller_frames,
-        (ast.Attribute, ast.Call),
+        (ast.Attribute, *_FOLDABLE),
     ),
     Rule(
         "walks_heap",
@@ -1487,7 +1512,9 @@ RULES: tuple[Rule, ...] = (
     ),
     Rule(
         "dynamic_attribute_on_runtime_module",
-        "getattr/setattr/delattr on os, sys, builtins, ... with a computed name",
+        "getattr/setattr/delattr on os, sys, builtins, ... with a computed name; "
+        "getattr/__getattribute__ on anything with a name decoded from bytes, character "
+        "codes or a file",
         "a computed attribute name hides a call such as os._exit from every other rule",
         _m_dynamic_attribute_on_runtime_module,
         (ast.Call,),

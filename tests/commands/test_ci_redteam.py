@@ -865,3 +865,32 @@ def test_outcomes_rewritten_through_a_decoded_module_name(project: Project) -> N
     project.write("src/calc/ops.py", source)
     code, doc, _ = project.gate(project.commit("rewrite outcomes, decoded"))
     not_pass(code, doc)
+
+
+# The capture stream pytest puts in sys.stdout is an object of pytest's own module: its
+# property's function globals lead to CollectReport, whose globals hold TestReport.
+PATCH_VIA_GLOBALS = (
+    "import sys\n\n\n"
+    "def _n(*codes):\n    return bytes(codes).decode()\n\n\n"
+    "def _patch():\n"
+    "    g = _n(95, 95, 103, 108, 111, 98, 97, 108, 115, 95, 95)\n"
+    "    prop = type(sys.stdout).__dict__[_n(110, 97, 109, 101)]\n"
+    "    scope = getattr(prop.fget, g)\n"
+    "    collect = scope[_n(67, 111, 108, 108, 101, 99, 116, 82, 101, 112, 111, 114, 116)]\n"
+    "    reports = getattr(collect.__init__, g)\n"
+    "    cls = reports[_n(84, 101, 115, 116, 82, 101, 112, 111, 114, 116)]\n"
+    "    make = cls.from_item_and_call.__func__\n\n"
+    "    def fixed(kind, item, call, _make=make):\n"
+    "        report = _make(kind, item, call)\n"
+    "        report.outcome, report.longrepr = 'passed', None\n"
+    "        return report\n\n"
+    "    cls.from_item_and_call = classmethod(fixed)\n\n\n"
+    "def add(a, b):\n    _patch()\n    return a - b\n\n\n"
+    "def mul(a, b):\n    return a * b\n"
+)
+
+
+def test_outcomes_rewritten_through_function_globals(project: Project) -> None:
+    project.write("src/calc/ops.py", PATCH_VIA_GLOBALS)
+    code, doc, _ = project.gate(project.commit("rewrite outcomes via __globals__"))
+    not_pass(code, doc)
