@@ -974,35 +974,16 @@ def blocked(code: str, message: str, **fields: Any) -> Verdict:
 
 
 def spend_not_evaluated(policy: Any, evidence_path: str | None) -> dict[str, Any]:
-    """The ``spend`` section until signed spend statements are verified (issue 8)."""
+    """The ``spend`` section when the verdict is decided before spend is looked at."""
     return {
         "status": "not_evaluated",
         "policy": getattr(policy, "spend_evidence", None),
         "evidence_path": evidence_path,
+        "total_usd": None,
         "cost_usd": None,
         "limit_usd": getattr(getattr(policy, "budget", None), "mission_hard_limit_usd", None),
+        "statements": [],
     }
-
-
-def spend_reasons(policy: Any, evidence_path: str | None) -> list[Reason]:
-    """Spend rules that hold before statements can be verified: fail closed."""
-    reasons: list[Reason] = []
-    if evidence_path:
-        reasons.append(
-            Reason(
-                "spend_evidence_invalid",
-                f"spend statement {evidence_path} is ignored: this version of cage "
-                "cannot verify signed spend statements",
-            )
-        )
-    if policy.spend_evidence == "required":
-        reasons.append(
-            Reason(
-                "spend_unattested",
-                "spend_evidence: required, and no verified spend statement was given",
-            )
-        )
-    return reasons
 
 
 # ---------------------------------------------------------------------------------------
@@ -1065,11 +1046,17 @@ def adjudicate(
     spend_evidence_path: str | None = None,
     progress: Callable[[str], None] | None = None,
     policy: Any = None,
+    attest_key: bytes | None = None,
+    spend_statements: Sequence[Any] = (),
 ) -> Verdict:
     """The whole gate: resolve, read the base policy, classify, replay if it can matter, decide.
 
     ``policy`` (a ``cage.policy.Policy``, for ``cage mission run --policy FILE``) replaces the
     base commit's policy and is reported with ``source: "file"``; CI never passes one.
+
+    Spend statements (receipts the change adds, the ``spend_evidence_path`` file, and
+    ``spend_statements`` given in memory) are verified with ``attest_key`` (see
+    ``cage.attest``); without a key none verifies.
 
     Never raises for bad input or an internal failure: those become a ``BLOCKED`` verdict
     (``internal_error`` keeps the error text in ``Verdict.error``). KeyboardInterrupt
@@ -1078,7 +1065,14 @@ def adjudicate(
     started = time.monotonic()
     try:
         verdict = _adjudicate(
-            repo_path, base_rev, head_rev, spend_evidence_path, progress, given_policy=policy
+            repo_path,
+            base_rev,
+            head_rev,
+            spend_evidence_path,
+            progress,
+            attest_key,
+            spend_statements,
+            given_policy=policy,
         )
     except Exception as exc:  # fail closed: an unexpected error must never look like a PASS
         verdict = blocked(
@@ -1095,9 +1089,11 @@ def _adjudicate(
     head_rev: str,
     spend_evidence_path: str | None,
     progress: Callable[[str], None] | None,
+    attest_key: bytes | None = None,
+    spend_statements: Sequence[Any] = (),
     given_policy: Any = None,
 ) -> Verdict:
-    from cage import gitio, pathrules
+    from cage import attest, gitio, pathrules
     from cage import policy as policy_mod
     from cage.errors import GitError, PolicyError
 
@@ -1200,7 +1196,21 @@ def _adjudicate(
     timings["classify_s"] = time.monotonic() - clock
 
     reasons = [f.reason() for f in findings]
-    reasons.extend(spend_reasons(policy, spend_evidence_path))
+    clock = time.monotonic()
+    assessment = attest.assess_change(
+        repo,
+        base=base,
+        head=head,
+        changes=changes,
+        mode=policy.spend_evidence,
+        limit_usd=policy.budget.mission_hard_limit_usd,
+        key=attest_key,
+        evidence_path=spend_evidence_path,
+        statements=spend_statements,
+    )
+    spend = assessment.spend
+    reasons.extend(Reason(code, message, path) for code, message, path in assessment.reasons)
+    timings["spend_s"] = time.monotonic() - clock
     verification: dict[str, Any] = {
         "evidence": v.evidence,
         "guard": v.guard,

@@ -277,9 +277,59 @@ def summary_lines(verdict: Verdict) -> list[str]:
         if reg:
             lines.append(_command_row("regression at base", reg.get("base")))
             lines.append(_command_row("regression at head", reg.get("head")))
+    lines += spend_summary(doc.get("spend") or {})
     timings = doc.get("timings") or {}
     if "total_s" in timings:
         lines += ["", f"Adjudicated in {timings['total_s']:.1f}s."]
+    return lines
+
+
+def _usd(value: Any) -> str:
+    return f"${value:.4f}" if isinstance(value, (int, float)) else "–"
+
+
+def spend_summary(spend: Mapping[str, Any]) -> list[str]:
+    """The "Spend" part of the step summary: attested spend by model, and every statement."""
+    status = spend.get("status")
+    if status in (None, "not_evaluated"):
+        return []
+    lines = ["", "### Spend", ""]
+    if status == "off":
+        return [*lines, "Not evaluated: the policy sets `spend_evidence: off`."]
+    limit = spend.get("limit_usd")
+    if status == "attested":
+        lines.append(
+            f"Attested spend **{_usd(spend.get('total_usd'))}** in {spend.get('calls')} call(s)"
+            + (f", limit {_usd(limit)}" if limit is not None else "")
+            + " (signed by the mission's proxy, bound to this base and change)."
+        )
+        rows = spend.get("by_model") or []
+        if rows:
+            lines += ["", "| model | calls | cost |", "|---|---|---|"]
+            for row in rows:
+                lines.append(
+                    f"| {md(str(row.get('model')))} | {row.get('calls', 0)} | "
+                    f"{_usd(row.get('cost_usd'))} |"
+                )
+        truth = spend.get("truth") or {}
+        split = ", ".join(
+            f"{label} {_usd(v.get('cost_usd'))}" for label, v in truth.items() if v.get("calls")
+        )
+        if split:
+            lines += ["", f"Truth labels: {split}."]
+        if spend.get("note"):
+            lines += ["", md(str(spend["note"]))]
+    else:
+        key = "" if spend.get("key_configured") else " No attest key is configured."
+        lines.append(f"Unattested: no valid spend statement for this change.{key}")
+    statements = spend.get("statements") or []
+    if statements:
+        lines += ["", "| statement | check | cost |", "|---|---|---|"]
+        for row in statements[:20]:
+            lines.append(
+                f"| {md(str(row.get('source')))} | `{md(str(row.get('check')))}` | "
+                f"{_usd(row.get('cost_usd'))} |"
+            )
     return lines
 
 

@@ -44,7 +44,14 @@ NEXT_STEPS: dict[str, str] = {
     "setup_failed": "fix verification.setup on the base branch",
     "timeout": "make the command faster or raise verification.timeout_seconds",
     "regression_failed": "the change breaks tests that passed before it: fix them",
-    "spend_over_limit": "the mission spent more than budget.mission_hard_limit_usd",
+    "spend_over_limit": (
+        "the missions behind this change spent more than budget.mission_hard_limit_usd: "
+        "a maintainer decides whether to raise the limit on the base branch"
+    ),
+    "spend_unattested": (
+        "commit the receipt of a `cage mission run` made with the attest key "
+        "(or pass --spend-evidence), and configure the same key as the CAGE_ATTEST_KEY secret"
+    ),
     "verification": "the change does not make the verify command pass at head: run it locally",
 }
 
@@ -79,7 +86,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--spend-evidence",
         metavar="PATH",
-        help="a signed spend statement (not verified by this version: always ignored)",
+        help="a file with signed spend statement(s) (a statement, a receipt, or a list), "
+        "besides the receipts the change adds",
+    )
+    parser.add_argument(
+        "--attest-key-file",
+        metavar="PATH",
+        help="the key that verifies spend statements (default: $CAGE_ATTEST_KEY)",
     )
 
 
@@ -96,14 +109,17 @@ def run(args: argparse.Namespace) -> int:
     if (args.base is None) != (args.head is None):
         raise UsageError("give both --base and --head, or neither (then the GitHub event is read)")
     from cage import adjudicate as adj
+    from cage import attest
 
+    # A bad key is a configuration error, reported before anything runs (exit 2).
+    key = attest.load_key(args.attest_key_file)
     # Paths are bytes in git; undecodable ones reach us as lone surrogates. Never let
     # printing them raise (a crash in the gate must not replace the verdict).
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(AttributeError, ValueError, io.UnsupportedOperation):
             stream.reconfigure(errors="backslashreplace")
     try:
-        verdict = _adjudicate(args)
+        verdict = _adjudicate(args, key)
     except Exception as exc:  # fail closed: a crash must be a BLOCKED verdict, not a traceback
         verdict = adj.blocked("internal_error", f"cage failed: {type(exc).__name__}: {exc}")
         verdict.error = f"{type(exc).__name__}: {exc}"
@@ -123,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
     return verdict.exit_code
 
 
-def _adjudicate(args: argparse.Namespace) -> Any:
+def _adjudicate(args: argparse.Namespace, key: bytes | None) -> Any:
     from cage import adjudicate as adj
     from cage import github
 
@@ -135,7 +151,12 @@ def _adjudicate(args: argparse.Namespace) -> Any:
             return adj.blocked(found.code, found.message)
         base, head = found
     return adj.adjudicate(
-        args.repo, base, head, spend_evidence_path=args.spend_evidence, progress=_progress
+        args.repo,
+        base,
+        head,
+        spend_evidence_path=args.spend_evidence,
+        progress=_progress,
+        attest_key=key,
     )
 
 
@@ -248,9 +269,39 @@ def text_report(verdict: Any, *, fence: bool = False) -> list[str]:
         lines += _output_lines(v, {r["code"] for r in doc["reasons"]}, fence=fence)
     elif v.get("skipped_reason"):
         lines.append(f"verification: not replayed: {printable(v['skipped_reason'])}")
+    lines += spend_lines(doc.get("spend") or {})
     deciding = next((r["code"] for r in doc["reasons"] if r["code"]), None)
     if doc["verdict"] == "PASS":
         lines.append("next: nothing; the check passes")
     elif deciding:
         lines.append(f"next: {_next_step(deciding)}")
     return lines
+
+
+def spend_lines(spend: dict[str, Any]) -> list[str]:
+    """The spend part of the text report: attested total, or why there is none."""
+    from cage.github import printable
+
+    status = spend.get("status")
+    if status == "attested":
+        line = f"spend: attested ${spend['total_usd']:.4f} in {spend['calls']} call(s)"
+        if spend.get("limit_usd") is not None:
+            line += f" (limit ${spend['limit_usd']:g})"
+        lines = [line]
+        for row in spend.get("by_model") or []:
+            cost = row.get("cost_usd")
+            shown = f"${cost:.4f}" if isinstance(cost, (int, float)) else "unpriced"
+            name = printable(str(row["model"]))
+            lines.append(f"  {name}: {row.get('calls', 0)} call(s), {shown}")
+        if spend.get("note"):
+            lines.append(f"  note: {printable(str(spend['note']))}")
+        return lines
+    if status == "off":
+        return ["spend: not evaluated (spend_evidence: off)"]
+    if status == "unattested":
+        given = len(spend.get("statements") or [])
+        why = f"{given} statement(s) given, none valid" if given else "no spend statement"
+        if not spend.get("key_configured"):
+            why += "; no attest key configured (CAGE_ATTEST_KEY)"
+        return [f"spend: unattested ({why})"]
+    return []
