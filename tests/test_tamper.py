@@ -435,6 +435,16 @@ CASES: list[tuple[str, str, str]] = [
         "def f(x):\n    return x.__getattribute__('size')\n",
     ),
     (
+        "obfuscated_code_execution",
+        "import pathlib\ndef f():\n    exec(pathlib.Path('impl.txt').read_text(), {})\n",
+        "def f(expression):\n    return eval(expression, {})\n",
+    ),
+    (
+        "obfuscated_code_execution",
+        "import runpy\ndef f():\n    return runpy.run_path('impl.txt')['add']\n",
+        "import runpy\ndef f():\n    return runpy\n",
+    ),
+    (
         "ctypes_interpreter_access",
         "import ctypes\ndef f():\n    ctypes.CDLL(None).exit(0)\n",
         "import ctypes\nLIBM = ctypes.CDLL('libm.so.6')\n",

@@ -219,6 +219,18 @@ FILE_WRITERS = frozenset(
     {"os.replace", "os.rename", "shutil.copy", "shutil.copyfile", "shutil.move"}
 )
 EXEC_CALLS = frozenset({"exec", "eval", "compile", "builtins.exec", "builtins.eval"})
+# Calls that run a file as Python whatever its name (impl.txt): the scanner only reads
+# *.py files, so the file they run is code nobody scanned.
+FILE_RUNNERS = frozenset(
+    {
+        "runpy.run_path",
+        "importlib.machinery.SourceFileLoader",
+        "importlib.machinery.SourcelessFileLoader",
+        "importlib.util.spec_from_file_location",
+        "importlib.util.spec_from_loader",
+        "zipimport.zipimporter",
+    }
+)
 
 
 # --------------------------------------------------------------------------------------
@@ -971,6 +983,8 @@ CTYPES_PROCESS_LIBS = re.compile(r"^(c|python[0-9.]*)$|(^|/)lib(c|python)[^/]*$"
 
 
 def _m_obfuscated_code_execution(node: ast.AST, scope: Scope, module: Module) -> str | None:
+    if isinstance(node, ast.Call) and module.resolve(node.func) in FILE_RUNNERS:
+        return f"runs a file as Python with {module.resolve(node.func)}"
     if not isinstance(node, ast.Call) or module.resolve(node.func) not in EXEC_CALLS:
         return None
     name = module.resolve(node.func)
@@ -983,6 +997,9 @@ def _m_obfuscated_code_execution(node: ast.AST, scope: Scope, module: Module) ->
             method = sub.func.attr if isinstance(sub.func, ast.Attribute) else ""
             if DECODERS.match(inner) or method in {"decode", "join", "translate", "replace"}:
                 return f"calls {name} on decoded or assembled text"
+    if _decodes(source, module):
+        # text read from a file the scanner does not read (impl.txt), or decoded bytes
+        return f"calls {name} on text read from a file or decoded"
     if scope.import_time and not _is_str(source):
         return f"calls {name} on computed text at import time"
     return None
@@ -1459,7 +1476,9 @@ RULES: tuple[Rule, ...] = (
     ),
     Rule(
         "obfuscated_code_execution",
-        "exec/eval/compile of decoded or assembled text, or of computed text at import time",
+        "exec/eval/compile of decoded or assembled text, of text read from a file, or of "
+        "computed text at import time; runpy.run_path, SourceFileLoader, "
+        "spec_from_file_location (a file run as Python whatever its name)",
         "hidden code escapes every other rule",
         _m_obfuscated_code_execution,
         (ast.Call,),

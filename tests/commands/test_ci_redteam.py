@@ -894,3 +894,34 @@ def test_outcomes_rewritten_through_function_globals(project: Project) -> None:
     project.write("src/calc/ops.py", PATCH_VIA_GLOBALS)
     code, doc, _ = project.gate(project.commit("rewrite outcomes via __globals__"))
     not_pass(code, doc)
+
+
+def test_forger_in_a_data_file_executed_by_the_change(project: Project) -> None:
+    """The change adds the exec channel itself: ops.py runs a .txt file the scanner skips."""
+    payload = REPORT_LINE + FORGE_ALL
+    project.write("src/calc/impl.txt", payload)
+    project.write(
+        "src/calc/ops.py",
+        "import pathlib\n\n\n"
+        "def add(a, b):\n"
+        "    scope = {}\n"
+        "    exec(pathlib.Path(__file__).with_name('impl.txt').read_text(), scope)\n"
+        "    return scope['add'](a, b)\n\n\n"
+        "def mul(a, b):\n    return a * b\n",
+    )
+    code, doc, _ = project.gate(project.commit("exec a data file"))
+    not_pass(code, doc)
+
+
+def test_forger_in_a_data_file_run_with_runpy(project: Project) -> None:
+    project.write("src/calc/impl.txt", REPORT_LINE + FORGE_ALL)
+    project.write(
+        "src/calc/ops.py",
+        "import pathlib\nimport runpy\n\n\n"
+        "def add(a, b):\n"
+        "    path = pathlib.Path(__file__).with_name('impl.txt')\n"
+        "    return runpy.run_path(str(path))['add'](a, b)\n\n\n"
+        "def mul(a, b):\n    return a * b\n",
+    )
+    code, doc, _ = project.gate(project.commit("run a data file"))
+    not_pass(code, doc)
