@@ -75,7 +75,7 @@ def build_repo(root: Path, files: int) -> tuple[Path, str]:
 
 
 def make_head(repo: Path, base: str, changes: int) -> str:
-    """A head commit changing `changes` files; the first one carries the fix the command greps for."""
+    """A head commit changing `changes` files; the first carries the fix the command greps for."""
     git(repo, "checkout", "-q", "--detach", base)
     listed = git(repo, "ls-files", "-z", "src").split(b"\0")
     paths = [p.decode() for p in listed if p][:changes]
@@ -132,7 +132,8 @@ def cage_run(repo: Path, base: str, head: str) -> float:
     elapsed = time.perf_counter() - start
     if done.returncode != 0:
         sys.exit(
-            f"cage did not PASS (exit {done.returncode}):\n{done.stdout.decode()}\n{done.stderr.decode()}"
+            f"cage did not PASS (exit {done.returncode}):\n"
+            f"{done.stdout.decode()}\n{done.stderr.decode()}"
         )
     return elapsed
 
@@ -160,7 +161,8 @@ def main() -> None:
             f, c = statistics.median(floors), statistics.median(cages)
             worst = max(worst, c / f)
             print(
-                f"K={k}: floor {f * 1000:.0f} ms, cage {c * 1000:.0f} ms, ratio {c / f:.2f}x (target <= 1.25x)"
+                f"K={k}: floor {f * 1000:.0f} ms, cage {c * 1000:.0f} ms, "
+                f"ratio {c / f:.2f}x (target <= 1.25x)"
             )
         print(f"worst ratio: {worst:.2f}x {'OK' if worst <= 1.25 else 'OVER BUDGET'}")
     finally:

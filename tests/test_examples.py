@@ -9,7 +9,9 @@ import pytest
 from cage.policy import load_policy_file
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
-POLICIES = sorted(EXAMPLES.glob("*/.runcap/mission.yaml")) + sorted(EXAMPLES.glob("policies/*.yaml"))
+POLICIES = sorted(EXAMPLES.glob("*/.runcap/mission.yaml")) + sorted(
+    EXAMPLES.glob("policies/*.yaml")
+)
 
 
 def test_there_are_examples_for_three_ecosystems():

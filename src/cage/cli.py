@@ -49,7 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"cage {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name, module, help_line in COMMANDS:
-        command = sub.add_parser(name, help=help_line, description=help_line[:1].upper() + help_line[1:] + ".")
+        command = sub.add_parser(
+            name, help=help_line, description=help_line[:1].upper() + help_line[1:] + "."
+        )
         mod = importlib.import_module(f"cage.commands.{module}")
         mod.add_arguments(command)
         command.set_defaults(_run=mod.run)
