@@ -93,6 +93,7 @@ class MissionOptions:
     upstream_openai: str | None = None
     upstream_anthropic: str | None = None
     mock: bool = False
+    attest_key_file: str | None = None  # else $CAGE_ATTEST_KEY; the agent never gets either
     agent_stdout_to_stderr: bool = False  # --json: stdout holds one JSON document only
     progress: Callable[[str], None] | None = None
 
@@ -630,7 +631,7 @@ def run_mission(options: MissionOptions) -> MissionResult:
     Raises a CageError before the agent starts (dirty tree, no policy, bad id, agent not
     found); once it has started, a receipt is always written.
     """
-    from cage import __version__, gitio
+    from cage import __version__, attest, gitio
     from cage import proxy as proxy_mod
     from cage.policy import POLICY_PATH
 
@@ -688,6 +689,10 @@ def run_mission(options: MissionOptions) -> MissionResult:
     for line in warnings:
         _say(options, f"warning: {line}")
 
+    # The key that signs the spend statement: held by the proxy in this process only
+    # (agent_env drops CAGE_ATTEST_KEY*; this process is non-dumpable). A bad key stops the
+    # mission before the agent starts.
+    attest_key = attest.load_key(options.attest_key_file)
     budget = policy.budget
     cap = float(budget.mission_hard_limit_usd)
     started_at = _now()
@@ -702,6 +707,7 @@ def run_mission(options: MissionOptions) -> MissionResult:
         mock=options.mock,
         warn_at_usd=budget.warn_at_usd,
         warn_at_tokens=budget.warn_at_tokens,
+        attest_key=attest_key,
     )
     try:
         _say(
@@ -752,6 +758,16 @@ def run_mission(options: MissionOptions) -> MissionResult:
                 )
         except GitError as exc:
             snapshot_error = str(exc)
+    spend_statement: dict[str, Any] | None = None
+    if snapshot is not None and attest_key is not None:
+        # Signed over the snapshot's change digest: CI finds the same digest for a head
+        # that holds exactly this change (receipts aside), and no other.
+        try:
+            with _shielded(threading.Event()), gitio.Repo(root) as tree_repo:
+                digest = attest.change_digest(tree_repo, snapshot.commit)
+            spend_statement = running.spend_statement(base, digest)
+        except GitError as exc:  # the receipt must still be written: unsigned, and said so
+            warnings.append(f"the spend statement could not be signed: {exc}")
     mission_reasons = _mission_reasons(run, spend, policy)
     if snapshot_error is not None:
         mission_reasons.insert(
@@ -777,7 +793,9 @@ def run_mission(options: MissionOptions) -> MissionResult:
     certain = [r["code"] for r in mission_reasons if r["code"] in _BLOCKING_MISSION_REASONS]
     if snapshot is not None and not certain:
         given = policy if policy_info["source"] == "file" else None
-        verdict_doc, interrupted_now = _adjudicate(root, base, snapshot.commit, options, given)
+        verdict_doc, interrupted_now = _adjudicate(
+            root, base, snapshot.commit, options, given, attest_key, spend_statement
+        )
         if interrupted_now:
             interrupted = True
             certain = ["mission_interrupted"]
@@ -851,7 +869,7 @@ def run_mission(options: MissionOptions) -> MissionResult:
         "verdict": verdict,
         "reasons": reasons,
         "warnings": warnings,
-        "spend_statement": None,
+        "spend_statement": spend_statement,
     }
     with _shielded(threading.Event()):
         written = outcome.write_receipt(path, receipt)
@@ -884,15 +902,30 @@ def _changes_without_findings(root: Path, base: str, snapshot: Any) -> list[dict
 
 
 def _adjudicate(
-    root: Path, base: str, head: str, options: MissionOptions, policy: Any = None
+    root: Path,
+    base: str,
+    head: str,
+    options: MissionOptions,
+    policy: Any = None,
+    attest_key: bytes | None = None,
+    spend_statement: dict[str, Any] | None = None,
 ) -> tuple[dict[str, Any] | None, bool]:
     """The CI adjudication of base..head, under ``policy`` when given (``--policy FILE``)
-    instead of the base commit's; returns (verdict document, interrupted)."""
+    instead of the base commit's; returns (verdict document, interrupted). The mission's own
+    signed statement is evidence, as it will be in CI once the receipt is committed."""
     from cage.adjudicate import adjudicate
 
     _say(options, f"adjudicating {base[:12]}..{head[:12]} (the same code as `cage ci`)")
     try:
-        verdict = adjudicate(root, base, head, progress=options.progress, policy=policy)
+        verdict = adjudicate(
+            root,
+            base,
+            head,
+            progress=options.progress,
+            policy=policy,
+            attest_key=attest_key,
+            spend_statements=[spend_statement] if spend_statement else [],
+        )
     except KeyboardInterrupt:
         return None, True
     if verdict.error:

@@ -336,6 +336,21 @@ def voc_lines(voc: dict[str, Any]) -> list[str]:
     return lines
 
 
+def statement_line(statement: Any) -> str:
+    """Whether CI can count this receipt's spend: signed (and with which key) or not.
+
+    Only shape is shown here; CI verifies the signature with its own key (cage.attest)."""
+    if not isinstance(statement, dict):
+        return (
+            "spend statement: none (no attest key: CI will show this spend as unattested; "
+            "see docs/missions.md)"
+        )
+    return (
+        f"spend statement: signed {_clean(statement.get('alg'))}, "
+        f"key id {_clean(statement.get('key_id'))} (CI verifies it with its key)"
+    )
+
+
 def show_lines(receipt: dict[str, Any], voc: dict[str, Any] | None = None) -> list[str]:
     """A receipt for people: verdict and reasons first, then spend by model, verification."""
     spend = receipt["spend"]
@@ -370,6 +385,7 @@ def show_lines(receipt: dict[str, Any], voc: dict[str, Any] | None = None) -> li
             + (f" ({labels})" if labels else "")
             + (f", {row['unpriced']} unpriced" if row.get("unpriced") else "")
         )
+    lines.append(statement_line(receipt.get("spend_statement")))
     verification = receipt.get("verification") or {}
     status = verification.get("status")
     if status:

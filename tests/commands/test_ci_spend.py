@@ -478,13 +478,6 @@ with open("src/calc/ops.py", "w") as fh:
 CAGE = [sys.executable, "-m", "cage"]
 
 
-def _mission_signs() -> bool:
-    from cage import mission
-
-    return "attest_key_file" in mission.MissionOptions.__dataclass_fields__
-
-
-@pytest.mark.skipif(not _mission_signs(), reason="cage mission run does not sign yet")
 def test_mission_run_signs_and_ci_verifies(project, capsys, tmp_path):
     agent = tmp_path / "agent.py"
     agent.write_text(AGENT)

@@ -313,7 +313,9 @@ def test_snapshot_leaves_branch_index_and_working_tree_alone(mission):
 
 
 def test_agent_env_and_secrets_redacted_from_the_receipt(mission):
-    env = dict(mission.env, CAGE_ATTEST_KEY="the-signing-key", ANTHROPIC_API_KEY="sk-ant-mine")
+    env = dict(
+        mission.env, CAGE_ATTEST_KEY="the-signing-key-0123456789", ANTHROPIC_API_KEY="sk-ant-mine"
+    )
     secret_args = (
         "--api-key",
         "sk-ant-api03-SECRETSECRETSECRET",

@@ -68,6 +68,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="the proxy answers locally (no network, no keys): for demos and tests",
     )
     run.add_argument(
+        "--attest-key-file",
+        metavar="PATH",
+        help="key that signs the mission's spend statement (default: $CAGE_ATTEST_KEY); "
+        "never passed to the agent",
+    )
+    run.add_argument(
         "--json",
         action="store_true",
         help="print one JSON document (receipt path, exit code, receipt); the agent's "
@@ -112,6 +118,7 @@ def run(args: argparse.Namespace) -> int:
         upstream_openai=args.upstream_openai,
         upstream_anthropic=args.upstream_anthropic,
         mock=args.mock,
+        attest_key_file=args.attest_key_file,
         agent_stdout_to_stderr=args.json,
         progress=_progress,
     )
