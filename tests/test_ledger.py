@@ -101,15 +101,11 @@ def test_migration_from_version_0(tmp_path):
         assert opened.report("model")[0]["calls"] == 1
 
 
-@pytest.mark.parametrize("start", [1, 2])
+@pytest.mark.parametrize("start", [1, 2, 3])
 def test_migration_from_older_versions_backfills_the_rollups(tmp_path, start):
     # Events written under an older schema; migrating must rebuild the totals from them.
     old = tmp_path / "old.db"
-    db = sqlite3.connect(old)
-    for step in MIGRATIONS[:start]:
-        for sql in step:
-            db.execute(sql)
-    db.execute(f"PRAGMA user_version = {start}")
+    db = old_ledger(old, start)
     db.executemany(
         "INSERT INTO events (timestamp, provider, model, input_tokens, cost_usd, truth, "
         "request_id) VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -130,6 +126,79 @@ def test_migration_from_older_versions_backfills_the_rollups(tmp_path, start):
         )
         assert not opened.add(ev(0, request_id="a"))
     assert sqlite3.connect(old).execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+
+
+def old_ledger(path: Path, version: int) -> sqlite3.Connection:
+    """A ledger file as an older cage left it: the first ``version`` migration steps."""
+    db = sqlite3.connect(path)
+    for step in MIGRATIONS[:version]:
+        for sql in step:
+            db.execute(sql)
+    db.execute(f"PRAGMA user_version = {version}")
+    return db
+
+
+def test_schema_4_rewrites_old_ids_and_keeps_one_copy_of_a_call_seen_twice(tmp_path):
+    # Before schema 4 the proxy stored the upstream's request id bare and the Claude Code
+    # importer claude-code:<message id>:<request id>: the same call seen by both was two rows.
+    path = tmp_path / "old.db"
+    db = old_ledger(path, 3)
+    rows = [
+        ("proxy", "req_1", 10, "m1"),  # the proxy's copy of a call...
+        ("claude-code", "claude-code:msg_1:req_1", 10, None),  # ...imported again: dropped
+        ("claude-code", "claude-code:msg_2:req_2", 20, None),
+        ("claude-code", "claude-code:msg_3:-", 30, None),  # no requestId: kept as it is
+        ("claude-code", "claude-code:line:uuid-4", 40, None),
+        ("proxy", "cage-proxy-5", 50, "m1"),  # no upstream id: kept as it is
+        ("meter", "anthropic:msg_6", 60, None),
+    ]
+    db.executemany(
+        "INSERT INTO events (timestamp, provider, model, input_tokens, cost_usd, truth, "
+        "source, request_id, mission_id) VALUES ('2026-11-20T01:00:00Z', 'anthropic', "
+        "'claude-sonnet-4', ?, 1.0, 'modeled', ?, ?, ?)",
+        [(tokens, source, rid, mission) for source, rid, tokens, mission in rows],
+    )
+    db.commit()
+    db.close()
+    with Ledger.open(path) as opened:
+        assert [(e.source, e.request_id, e.input_tokens) for e in opened.events()] == [
+            ("proxy", "anthropic:req_1", 10),
+            ("claude-code", "anthropic:req_2", 20),
+            ("claude-code", "claude-code:msg_3:-", 30),
+            ("claude-code", "claude-code:line:uuid-4", 40),
+            ("proxy", "cage-proxy-5", 50),
+            ("meter", "anthropic:msg_6", 60),
+        ]
+        # The rollups were rebuilt without the dropped copy.
+        (row,) = opened.report("model")
+        assert (row["calls"], row["input_tokens"], row["cost_usd"]) == (6, 210, 6.0)
+        assert opened.mission_spend("m1")["calls"] == 2
+        # The same calls arriving again under the new ids are duplicates.
+        again = [ev(0, request_id=rid) for rid in ("anthropic:req_1", "anthropic:req_2")]
+        assert opened.add_many(again) == (0, 2)
+    indexes = {
+        name: sql
+        for name, sql in sqlite3.connect(path).execute(
+            "SELECT name, sql FROM sqlite_master WHERE type = 'index' AND tbl_name = 'events'"
+        )
+    }
+    assert set(indexes) == {"events_rid", "events_timestamp", "events_mission"}
+
+
+def test_batches_with_duplicates_keep_the_rollups_exact(ledger):
+    # All-new batches add sums made in Python; a batch with duplicates (in the ledger or
+    # within itself) sums only the rows really inserted, in SQL. Both must agree.
+    ledger.add_many([ev(i, input_tokens=i, cost_usd=None if i % 3 else 0.5) for i in range(10)])
+    batch = [ev(i, input_tokens=i, cost_usd=0.25, mission_id="m") for i in range(5, 15)]
+    assert ledger.add_many([*batch, batch[-1]]) == (5, 6)
+    (row,) = ledger.report("model")
+    assert (row["calls"], row["input_tokens"], row["unpriced"]) == (15, sum(range(15)), 6)
+    assert row["cost_usd"] == pytest.approx(4 * 0.5 + 5 * 0.25)
+    assert ledger.mission_spend("m")["calls"] == 5
+    brute = sqlite3.connect(ledger.path).execute(
+        "SELECT count(*), sum(input_tokens), total(cost_usd) FROM events"
+    )
+    assert brute.fetchone() == (15, sum(range(15)), pytest.approx(3.25))
 
 
 def test_add_is_idempotent_by_request_id(ledger):

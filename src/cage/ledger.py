@@ -5,14 +5,21 @@ Design (see docs/ledger.md for the user-facing version):
 - ``events`` holds one row per call: the :class:`Event` fields, ``extra`` as JSON text, the
   timestamp as ISO 8601 UTC text truncated to whole seconds (``2026-11-23T10:00:00Z``), so
   text order is time order and the UTC day is ``substr(timestamp, 1, 10)``.
-- ``request_id`` is UNIQUE (NULLs allowed any number of times): inserting the same source
-  call twice is a no-op, which makes every import idempotent.
+- ``request_id`` is unique (NULLs allowed any number of times): inserting the same source
+  call twice is a no-op, which makes every import idempotent. Since schema 4 uniqueness is
+  enforced on ``rid``, a 128-bit BLAKE2b hash of the id (:func:`request_key`), not on the
+  text: a 16-byte key keeps the index small and cheap to insert into however long and random
+  the ids are (the text stays in ``request_id`` for display and queries).
+- Calls that several sources see share one canonical id (:func:`canonical_request_id`):
+  an Anthropic or OpenAI call is ``<provider>:<upstream request id>`` whether the proxy
+  recorded it or a transcript import found it, so it is counted once.
 - ``rollup_model``, ``rollup_caller``, ``rollup_mission`` (:data:`ROLLUPS`) hold running
   totals per (UTC day, dimensions, truth), written in the same transaction as the events
   they sum, so a report reads a few thousand rows instead of scanning a million. Triggers
   keep them right when someone deletes or edits events by hand; inserts are summed by the
   writer in SQL (one statement per batch and rollup), several times cheaper than a per-row
-  trigger.
+  trigger. Bulk writers (the importers) sum their rows in Python instead
+  (:class:`RowBatch`) and write one upsert per group.
 - The schema is versioned with ``PRAGMA user_version``; :data:`MIGRATIONS` are forward
   steps, applied under a write lock. A ledger newer than this cage is refused.
 
@@ -22,6 +29,7 @@ can follow; this build refuses such URLs with a clear error.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -266,15 +274,244 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     ),
 )
 
+
+def request_key(request_id: str) -> bytes:
+    """The 16-byte key the ledger's uniqueness is enforced on: BLAKE2b-128 of the id.
+
+    Two distinct ids share a key with probability about n**2 / 2**129 for n ids: below
+    1e-20 for a billion events, far below any other cause of error.
+    """
+    return hashlib.blake2b(request_id.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+
+
+def canonical_request_id(provider: str, upstream_id: str) -> str:
+    """The id of a call an upstream named ``upstream_id``: ``<provider>:<upstream_id>``.
+
+    The proxy (from the ``request-id`` / ``x-request-id`` response header, else the
+    response's own id) and the transcript importers (Claude Code's ``requestId``, which is
+    that same header) both use it, so a call seen by both is recorded once.
+    """
+    return f"{provider}:{upstream_id}"
+
+
+def _legacy_canonical_id(source: str | None, provider: str, request_id: str | None) -> str | None:
+    """Schema 4: an id written before canonical ids, as it would be written now.
+
+    Before schema 4 the proxy stored the upstream's id bare (``req_…``) and the Claude Code
+    importer stored ``claude-code:<message.id>:<requestId>``; both now use
+    :func:`canonical_request_id`, so a call recorded before the upgrade and seen again
+    afterwards (a re-import, the other source) is not counted twice.
+    """
+    if request_id is None:
+        return None
+    if source == "proxy" and not request_id.startswith("cage-proxy-"):
+        return canonical_request_id(provider, request_id)
+    if source == "claude-code" and request_id.startswith("claude-code:"):
+        parts = request_id.split(":", 2)
+        if len(parts) == 3 and parts[1] != "line" and parts[2] not in ("", "-"):
+            return canonical_request_id("anthropic", parts[2])
+    return request_id
+
+
+_V4_COLUMNS = ("id", *_EVENT_FIELDS)
+
+
+def _migrate_to_v4(db: sqlite3.Connection) -> None:
+    """Schema 4: uniqueness on a 16-byte hash of the id, canonical ids, and a mission index
+    that leaves out the events of no mission (most imported calls).
+
+    The events table is rebuilt (SQLite cannot drop a column's UNIQUE constraint), old ids
+    are rewritten to their canonical form, and when two old rows turn out to be the same
+    call (the proxy's copy and an import's) the first one stored is kept. The rollups are
+    then rebuilt from the events.
+    """
+    db.create_function("cage_request_key", 1, _key_or_none, deterministic=True)
+    db.create_function("cage_canonical_id", 3, _legacy_canonical_id, deterministic=True)
+    db.execute("DROP TRIGGER IF EXISTS events_rollup_delete")
+    db.execute("DROP TRIGGER IF EXISTS events_rollup_update")
+    db.execute(_EVENTS_V4_SQL.replace("CREATE TABLE events", "CREATE TABLE events_v4"))
+    # The unique key first, so that the copy below drops the second copy of a call; the
+    # other indexes (whose names the old table still holds) after it is gone.
+    db.execute(_EVENTS_V4_INDEXES[0].replace("ON events", "ON events_v4"))
+    columns = ", ".join(_V4_COLUMNS)
+    # ORDER BY id: of two old rows that are the same call, the first one stored is kept.
+    db.execute(
+        f"INSERT OR IGNORE INTO events_v4 ({columns}, rid) "
+        f"SELECT {columns.replace('request_id', 'rq')}, cage_request_key(rq) FROM "
+        "(SELECT *, cage_canonical_id(source, provider, request_id) AS rq FROM events) "
+        "ORDER BY id"
+    )
+    db.execute("DROP TABLE events")
+    db.execute("ALTER TABLE events_v4 RENAME TO events")
+    for sql in _EVENTS_V4_INDEXES[1:]:
+        db.execute(sql)
+    for table, dims in ROLLUPS.items():
+        db.execute(f"DELETE FROM {table}")
+        db.execute(_rollup_upsert_sql(table, dims, "1"))
+    for sql in _rollup_triggers_sql(ROLLUPS):
+        db.execute(sql)
+
+
+def _key_or_none(request_id: str | None) -> bytes | None:
+    return None if request_id is None else request_key(request_id)
+
+
+_EVENTS_V4_SQL = (
+    "CREATE TABLE events ("
+    " id INTEGER PRIMARY KEY,"
+    " timestamp TEXT NOT NULL,"
+    " provider TEXT NOT NULL,"
+    " model TEXT NOT NULL,"
+    " input_tokens INTEGER NOT NULL DEFAULT 0,"
+    " output_tokens INTEGER NOT NULL DEFAULT 0,"
+    " cache_read_tokens INTEGER NOT NULL DEFAULT 0,"
+    " cache_write_tokens INTEGER NOT NULL DEFAULT 0,"
+    " cost_usd REAL,"
+    " truth TEXT NOT NULL DEFAULT 'estimated'"
+    "  CHECK (truth IN ('measured', 'modeled', 'estimated')),"
+    " role TEXT,"
+    " caller TEXT,"
+    " mission_id TEXT,"
+    " duration_s REAL,"
+    " error_class TEXT,"
+    " request_id TEXT,"
+    " source TEXT,"
+    " extra TEXT NOT NULL DEFAULT '{}',"
+    " rid BLOB"  # request_key(request_id); NULL when there is no request id
+    ")"
+)
+_EVENTS_V4_INDEXES = (
+    "CREATE UNIQUE INDEX events_rid ON events (rid)",
+    "CREATE INDEX events_timestamp ON events (timestamp)",
+    # Partial: `mission_id = ?` implies NOT NULL, so every mission query can use it, and
+    # the (many) events of no mission cost no index entry.
+    "CREATE INDEX events_mission ON events (mission_id, timestamp) WHERE mission_id IS NOT NULL",
+)
+
+# Steps may also be callables taking the connection (schema 4 needs Python functions).
+MIGRATIONS = (*MIGRATIONS, (_migrate_to_v4,))
+
 SCHEMA_VERSION = len(MIGRATIONS)
 
+_COLUMNS = (*_EVENT_FIELDS, "rid")
 _INSERT = (
     "INSERT OR IGNORE INTO events ("
-    + ", ".join(_EVENT_FIELDS)
+    + ", ".join(_COLUMNS)
     + ") VALUES ("
-    + ", ".join("?" * len(_EVENT_FIELDS))
+    + ", ".join("?" * len(_COLUMNS))
     + ")"
 )
+
+
+def _rollup_add_sql(table: str, dims: Sequence[str]) -> str:
+    """Add one group's sums (computed in Python) to a rollup table."""
+    key = ("day", *dims, "truth")
+    updates = ", ".join(f"{name} = {name} + excluded.{name}" for name in _SUMS)
+    return (
+        f"INSERT INTO {table} ({', '.join(key)}, {', '.join(_SUMS)}) "
+        f"VALUES ({', '.join('?' * (len(key) + len(_SUMS)))}) "
+        f"ON CONFLICT ({', '.join(key)}) DO UPDATE SET {updates}"
+    )
+
+
+# Where each rollup's dimensions sit in a RowBatch group key
+# (day, provider, model, caller, mission_id, truth).
+_GROUP_INDEX = {"provider": 1, "model": 2, "caller": 3, "mission_id": 4}
+
+
+class RowBatch:
+    """Ledger rows ready to insert, with their rollup sums already added up in Python.
+
+    Built where the rows are made (an importer's reader process builds it and sends it on;
+    it pickles as plain lists and dicts), written in one transaction by
+    :meth:`Ledger.add_batch`. When every row of it is new, the rollups get one upsert per
+    (day, provider, model, caller, mission, truth) group instead of a pass over the rows.
+    """
+
+    __slots__ = ("_extras", "rows", "sums")
+
+    def __init__(self) -> None:
+        self.rows: list[tuple] = []
+        # (day, provider, model, caller or '', mission_id or '', truth) -> the _SUMS
+        self.sums: dict[tuple, list] = {}
+        # extra items -> its JSON: a transcript repeats the same few (session, project, ...)
+        self._extras: dict[tuple, str] = {}
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getstate__(self) -> tuple:
+        return self.rows, self.sums
+
+    def __setstate__(self, state: tuple) -> None:
+        self.rows, self.sums = state
+        self._extras = {}
+
+    def add_event(self, event: Event) -> None:
+        """Add one Event, validated (:class:`LedgerError` names what is wrong)."""
+        self._add(_event_row(event))
+
+    def add_fields(self, fields: Mapping[str, Any]) -> None:
+        """Add one event given as a dict of :class:`Event` fields already validated, unchecked.
+
+        For the importers, which check each field as they parse it: the timestamp in UTC as
+        ``YYYY-MM-DDTHH:MM:SS[.fraction]Z`` (the fraction is dropped here), a truth label,
+        non-empty provider and model, token counts as ints >= 0, a cost as float or None.
+        """
+        get = fields.get
+        extra = get("extra")
+        if extra:
+            items = tuple(extra.items())
+            try:
+                extra_json = self._extras[items]
+            except KeyError:
+                extra_json = _encode_extra(extra)
+                if len(self._extras) < 1024:
+                    self._extras[items] = extra_json
+            except TypeError:  # an unhashable value (a list): encode it each time
+                extra_json = _encode_extra(extra)
+        else:
+            extra_json = "{}"
+        self._add(
+            (
+                fields["timestamp"][:19] + "Z",
+                fields["provider"],
+                fields["model"],
+                get("input_tokens", 0),
+                get("output_tokens", 0),
+                get("cache_read_tokens", 0),
+                get("cache_write_tokens", 0),
+                get("cost_usd"),
+                get("truth", "estimated"),
+                get("role") or None,
+                get("caller") or None,
+                get("mission_id") or None,
+                get("duration_s"),
+                get("error_class") or None,
+                get("request_id") or None,
+                get("source"),
+                extra_json,
+            )
+        )
+
+    def _add(self, row: tuple) -> None:
+        request_id = row[14]
+        self.rows.append((*row, None if request_id is None else request_key(request_id)))
+        cost = row[7]
+        key = (row[0][:10], row[1], row[2], row[10] or "", row[11] or "", row[8])
+        sums = self.sums.get(key)
+        if sums is None:
+            self.sums[key] = [1, row[3], row[4], row[5], row[6], cost or 0.0, int(cost is None)]
+        else:
+            sums[0] += 1
+            sums[1] += row[3]
+            sums[2] += row[4]
+            sums[3] += row[5]
+            sums[4] += row[6]
+            if cost is None:
+                sums[6] += 1
+            else:
+                sums[5] += cost
 
 
 # ---------------------------------------------------------------------------------------
@@ -432,6 +669,13 @@ class Ledger:
     def add_many(self, events: Iterable[Event]) -> tuple[int, int]:
         """Record events in batched transactions; returns (inserted, duplicates)."""
         raise NotImplementedError
+
+    def add_batch(self, batch: RowBatch) -> tuple[int, int]:
+        """Record a prepared :class:`RowBatch` in one transaction; (inserted, duplicates)."""
+        raise NotImplementedError
+
+    def bulk_mode(self) -> None:
+        """Tune the backend for a long run of large batches (an import); a hint only."""
 
     def report(
         self,
@@ -619,7 +863,10 @@ class SQLiteLedger(Ledger):
             current = self._db.execute("PRAGMA user_version").fetchone()[0]
             for target in range(current, SCHEMA_VERSION):
                 for sql in MIGRATIONS[target]:
-                    self._db.execute(sql)
+                    if callable(sql):
+                        sql(self._db)
+                    else:
+                        self._db.execute(sql)
                 self._db.execute(f"PRAGMA user_version = {target + 1}")
 
         self._write(step)
@@ -664,25 +911,64 @@ class SQLiteLedger(Ledger):
         batch in flight; rows with a request_id already present are skipped and counted.
         """
         inserted = duplicates = 0
-        for batch in _batches(events, BATCH_SIZE):
-            rows = [_event_row(event) for event in batch]
-            try:
-                new = self._write(lambda rows=rows: self._insert(rows))
-            except sqlite3.Error as exc:
-                raise LedgerError(f"cannot write to the ledger {self.path}: {exc}") from None
+        for events_batch in _batches(events, BATCH_SIZE):
+            batch = RowBatch()
+            for event in events_batch:
+                batch.add_event(event)
+            new, dup = self.add_batch(batch)
             inserted += new
-            duplicates += len(rows) - new
+            duplicates += dup
         return inserted, duplicates
 
-    def _insert(self, rows: list[tuple]) -> int:
+    def bulk_mode(self) -> None:
+        """Tune this connection for a long run of large batches (an import).
+
+        Random request keys touch index pages all over the file, so each commit rewrites
+        many of them: a 64 MB page cache keeps the index in memory, and checkpointing the
+        WAL every 40 MB (default 4 MB) instead of after almost every commit writes each
+        page to the database once per checkpoint rather than once per commit. Readers and
+        other writers are unaffected; crash safety is the same (every commit is in the WAL).
+        """
+        self._db.execute("PRAGMA cache_size = -65536")
+        self._db.execute("PRAGMA wal_autocheckpoint = 10000")
+
+    def add_batch(self, batch: RowBatch) -> tuple[int, int]:
+        """Record a :class:`RowBatch` in one transaction; returns (inserted, duplicates)."""
+        if not batch.rows:
+            return 0, 0
+        try:
+            new = self._write(lambda: self._insert(batch))
+        except sqlite3.Error as exc:
+            raise LedgerError(f"cannot write to the ledger {self.path}: {exc}") from None
+        return new, len(batch.rows) - new
+
+    def _insert(self, batch: RowBatch) -> int:
         db = self._db
-        # We hold the write lock, so rows inserted now get ids above the current maximum:
-        # the rollup sums exactly those, and duplicates (ignored) are never counted.
+        # We hold the write lock, so rows inserted now get ids above the current maximum.
         before = db.execute("SELECT ifnull(max(id), 0) FROM events").fetchone()[0]
         changes = db.total_changes
-        db.executemany(_INSERT, rows)
+        db.executemany(_INSERT, batch.rows)
         new = db.total_changes - changes
-        if new:
+        if new == len(batch.rows):
+            # Every row is new (the common case): add the sums made in Python, one upsert
+            # per group and rollup.
+            for table, dims in ROLLUPS.items():
+                merged: dict[tuple, list] = {}
+                picks = [_GROUP_INDEX[d] for d in dims]
+                for key, sums in batch.sums.items():
+                    short = (key[0], *[key[i] for i in picks], key[5])
+                    have = merged.get(short)
+                    if have is None:
+                        merged[short] = list(sums)
+                    else:
+                        for i, value in enumerate(sums):
+                            have[i] += value
+                db.executemany(
+                    _rollup_add_sql(table, dims),
+                    [(*k, *v) for k, v in merged.items()],
+                )
+        elif new:
+            # Some rows were duplicates (ignored): sum exactly the rows inserted, in SQL.
             for table, dims in ROLLUPS.items():
                 db.execute(_rollup_upsert_sql(table, dims, "e.id > ?"), (before,))
         return new
