@@ -300,3 +300,48 @@ def test_event_1h_cache_writes_come_from_extra():
     r = rates("anthropic", "claude-sonnet-4-20250514")
     assert plain.cost_usd == pytest.approx(dollars(w=(1000, r["cache_write_mtok"])))
     assert hour.cost_usd == pytest.approx(dollars(w=(1000, r["cache_write_1h_mtok"])))
+
+
+def test_the_import_pricer_gives_exactly_what_price_event_gives(monkeypatch):
+    # Pricer (the import's hot path) must be the same float as price_event, call for call:
+    # flat rates, tiered prompts, 1h cache writes, unknown and free models.
+    import random
+
+    from cage.ledger import Event
+    from cage.pricing import Pricer, price_event
+
+    monkeypatch.setenv("CAGE_FREE_MODELS", "ollama")
+    rng = random.Random(5)
+    models = [
+        ("anthropic", "claude-sonnet-4-20250514"),
+        ("anthropic", "claude-sonnet-4-5"),
+        ("anthropic", "claude-opus-4-1-20250805"),
+        ("anthropic", "claude-3-5-haiku-20241022"),
+        ("openai", "gpt-4o"),
+        ("openai", "gpt-5"),
+        ("google", "gemini-2.5-pro"),
+        ("deepseek", "deepseek-chat"),
+        ("anthropic", "no-such-model-xyz"),
+        ("ollama", "llama3"),
+        ("local", "mine"),
+    ]
+    pricer = Pricer()
+    for _ in range(400):
+        provider, model = rng.choice(models)
+        counts = [rng.choice((0, rng.randint(1, 300_000))) for _ in range(4)]
+        write_1h = rng.choice((0, 0, rng.randint(0, counts[3] + 10)))
+        month, day, hour = rng.randint(1, 12), rng.randint(1, 28), rng.randint(0, 23)
+        stamp = f"2025-{month:02d}-{day:02d}T{hour:02d}:00:00Z"
+        event = Event(
+            timestamp=stamp,
+            provider=provider,
+            model=model,
+            input_tokens=counts[0],
+            output_tokens=counts[1],
+            cache_read_tokens=counts[2],
+            cache_write_tokens=counts[3],
+            truth="measured",
+            extra={"cache_write_1h_tokens": write_1h} if write_1h else {},
+        )
+        expected = price_event(event).cost_usd
+        assert pricer(provider, model, stamp, *counts, write_1h) == expected, (model, counts)

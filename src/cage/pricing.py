@@ -539,3 +539,76 @@ def guess_provider(model: str) -> str | None:
     except LookupError:
         return None
     return provider.id
+
+
+_FREE = object()
+_GENERIC = object()
+
+
+class Pricer:
+    """Prices many calls in a row (an import): :func:`price` per call, faster.
+
+    The plan for each (provider, model, UTC day) is worked out once: free, unknown, a set of
+    flat per-token rates (then a call costs five multiplications), or the general path for
+    tiered and time-of-day prices and models priced by genai-prices itself. The result is
+    the same float :func:`price_event` gives (same products, added in the same order).
+    ``CAGE_FREE_MODELS`` is read when the Pricer is made.
+    """
+
+    def __init__(self) -> None:
+        self._plans: dict[tuple[str, str, str], Any] = {}
+        self._free_spec = os.environ.get("CAGE_FREE_MODELS")
+
+    def __call__(
+        self,
+        provider: str,
+        model: str,
+        stamp: str,
+        inp: int,
+        out: int,
+        cache_read: int,
+        cache_write: int,
+        write_1h: int = 0,
+    ) -> float | None:
+        """Dollars for one call at ``stamp`` (ISO text in UTC), or None when unpriced."""
+        key = (provider, model, stamp[:10])
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._plans[key] = self._plan(provider, model, stamp[:10])
+        if type(plan) is tuple:
+            a, b, c, d, e = plan
+            if write_1h > cache_write:
+                write_1h = cache_write
+            return inp * a + out * b + cache_read * c + (cache_write - write_1h) * d + write_1h * e
+        if plan is _FREE:
+            return 0.0
+        if plan is _GENERIC:
+            return _price_counts(
+                provider, model, stamp, inp, out, cache_read, cache_write, write_1h
+            )
+        return None  # unknown model
+
+    def _plan(self, provider: str, model: str, day: str) -> Any:
+        lowered = provider.lower()
+        if lowered in FREE_PROVIDERS:
+            return _FREE
+        if self._free_spec:
+            entries = _free_models(self._free_spec)
+            if (lowered, "*") in entries or (lowered, model.lower()) in entries:
+                return _FREE
+        rates = _rates_on_day(provider, model, day)
+        if rates is None:
+            return "unknown"
+        if rates is _BY_TIME_OF_DAY or rates.fallback:
+            return _GENERIC
+        flat = []
+        for slot, _ in _SLOTS:
+            found = rates.owners.get(slot)
+            if found is None:
+                flat.append(0.0)  # no price for it or any parent: genai-prices charges 0
+                continue
+            base, tiers = found
+            if tiers:
+                return _GENERIC
+            flat.append(base)
+        return tuple(flat)
