@@ -124,6 +124,7 @@ def run(args: argparse.Namespace) -> int:
     state = StateStore(state_path)
     total = _total_size(files)
     window = DedupWindow() if args.source == "claude-code" else None
+    prepare, write = _ledger_writer(ledger)
     try:
         if total >= PIPELINE_MIN_BYTES and can_pipeline():
             # Parsing and writing each take about half the time: one process each.
@@ -131,13 +132,14 @@ def run(args: argparse.Namespace) -> int:
                 importer.SOURCE,
                 files,
                 importer.FileParser,
-                _ledger_sink(ledger),
+                write,
                 state,
                 state_path,
                 report,
                 total_bytes=total,
                 full=args.full,
                 window=window,
+                prepare=prepare,
             )
         else:
             progress = Progress(total, f"importing {args.source}")
@@ -146,7 +148,7 @@ def run(args: argparse.Namespace) -> int:
                     importer.SOURCE,
                     files,
                     importer.FileParser,
-                    _ledger_sink(ledger),
+                    lambda batch: write(prepare(batch)),
                     state,
                     report,
                     full=args.full,
@@ -188,18 +190,44 @@ def _total_size(files: list) -> int:
     return total
 
 
-def _ledger_sink(ledger):  # type: ignore[no-untyped-def]
-    """A batch writer: event fields -> priced Events -> the ledger, one transaction a batch."""
-    from cage.ledger import Event
-    from cage.pricing import price_event
+def _ledger_writer(ledger):  # type: ignore[no-untyped-def]
+    """(prepare, write): event fields -> priced ledger rows; rows -> the ledger.
 
-    def sink(batch: list[dict]) -> tuple[int, int]:
-        events = []
+    ``prepare`` does the per-row work (in the reader process when the import is pipelined):
+    a call without a cost is priced from the table (truth ``modeled``, or still
+    ``estimated``), exactly as ``cage.pricing.price_event`` would. The importers validate
+    every field as they parse it, so rows are built without checking them again.
+    ``write`` stores a prepared batch in one transaction: (inserted, duplicates).
+    """
+    from cage.ledger import RowBatch
+    from cage.pricing import Pricer
+
+    pricer = Pricer()
+
+    def prepare(batch: list[dict]) -> RowBatch:
+        rows = RowBatch()
+        add = rows.add_fields
         for fields in batch:
-            event = Event(**fields)
-            if event.cost_usd is None:
-                event = price_event(event)
-            events.append(event)
-        return ledger.add_many(events)
+            if fields.get("cost_usd") is None:
+                extra = fields.get("extra")
+                fields["cost_usd"] = pricer(
+                    fields["provider"],
+                    fields["model"],
+                    fields["timestamp"],
+                    fields.get("input_tokens", 0),
+                    fields.get("output_tokens", 0),
+                    fields.get("cache_read_tokens", 0),
+                    fields.get("cache_write_tokens", 0),
+                    int(extra.get("cache_write_1h_tokens") or 0) if extra else 0,
+                )
+                if fields.get("truth") != "estimated":
+                    fields["truth"] = "modeled"
+            add(fields)
+        return rows
 
-    return sink
+    ledger.bulk_mode()
+
+    def write(rows: RowBatch) -> tuple[int, int]:
+        return ledger.add_batch(rows)
+
+    return prepare, write
