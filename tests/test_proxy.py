@@ -213,8 +213,10 @@ def test_exact_usage_for_each_api(proxy, ledger_path, path, body, raw, expected,
     assert got == expected
     assert event.cost_usd == pytest.approx(price(provider, event.model, expected))
     assert event.cost_usd > 0
-    # The upstream's own request id names the event, so a re-import cannot count it twice.
-    assert event.request_id == (headers.get("request-id") or headers.get("x-request-id"))
+    # The upstream's own request id names the event (canonical form <provider>:<id>), so a
+    # re-import, or a transcript import of the same call, cannot count it twice.
+    upstream_id = headers.get("request-id") or headers.get("x-request-id")
+    assert event.request_id == f"{provider}:{upstream_id}"
     assert event.extra["stream"] is stream
     spend = proxy.spend()
     assert spend["calls"] == 1 and spend["reserved_usd"] == 0
@@ -772,4 +774,83 @@ def test_compressed_upstream_answer_is_metered_and_relayed_decoded(ledger_path):
     assert status == 200 and "content-encoding" not in headers
     assert json.loads(data)["usage"]["prompt_tokens"] == 70
     (event,) = events_of(ledger_path, "m-gz")
-    assert (event.input_tokens, event.output_tokens, event.request_id) == (70, 5, "req_gz")
+    assert (event.input_tokens, event.output_tokens, event.request_id) == (70, 5, "openai:req_gz")
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["body", "stream"])
+def test_a_call_metered_by_the_proxy_and_imported_from_its_transcript_counts_once(
+    tmp_path, ledger_path, stream
+):
+    # The upstream names the call in its request-id header, as Anthropic does; Claude Code
+    # writes that header's value as the line's requestId. Both sources must give one row.
+    usage = {"input_tokens": 12, "output_tokens": 7, "cache_read_input_tokens": 100}
+    message = {
+        "id": "msg_01CrossSource",
+        "type": "message",
+        "role": "assistant",
+        "model": "claude-sonnet-4-20250514",
+        "content": [{"type": "text", "text": "hi"}],
+    }
+
+    async def answer(request: web.Request) -> web.StreamResponse:
+        headers = {"request-id": "req_011CrossSource"}
+        if not stream:
+            return web.json_response({**message, "usage": usage}, headers=headers)
+        response = web.StreamResponse(headers={**headers, "Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        start = {"type": "message_start", "message": {**message, "usage": usage}}
+        delta = {"type": "message_delta", "usage": {"output_tokens": usage["output_tokens"]}}
+        for event in (start, delta, {"type": "message_stop"}):
+            await response.write(f"event: {event['type']}\ndata: {json.dumps(event)}\n\n".encode())
+        await response.write_eof()
+        return response
+
+    app = web.Application()
+    app.router.add_post("/v1/messages", answer)
+    server = ServerThread(app)
+    try:
+        with start_proxy_in_thread(
+            mission_id="m-x",
+            budget_usd=None,
+            ledger_path=str(ledger_path),
+            upstream_openai=server.url,
+            upstream_anthropic=server.url,
+        ) as running:
+            status, headers, _ = call(running.url, "/v1/messages", messages(stream=stream))
+            running.flush()
+    finally:
+        server.stop()
+    assert status == 200 and headers["request-id"] == "req_011CrossSource"
+
+    line = {
+        "type": "assistant",
+        "sessionId": "s-1",
+        "requestId": headers["request-id"],
+        "timestamp": "2026-11-23T10:00:01.250Z",
+        "message": {**message, "usage": usage},
+    }
+    project = tmp_path / "claude" / "projects" / "p"
+    project.mkdir(parents=True)
+    (project / "s-1.jsonl").write_text(json.dumps(line) + "\n")
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cage",
+            "import",
+            "claude-code",
+            str(tmp_path / "claude"),
+            "--ledger",
+            str(ledger_path),
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    assert (json.loads(done.stdout)["imported"], json.loads(done.stdout)["duplicates"]) == (0, 1)
+    with Ledger.open(ledger_path) as ledger:
+        (event,) = ledger.events()
+        (row,) = ledger.report("model")
+    assert (event.source, event.request_id) == ("proxy", "anthropic:req_011CrossSource")
+    assert (row["calls"], row["input_tokens"], row["cache_read_tokens"]) == (1, 12, 100)

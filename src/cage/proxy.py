@@ -1157,7 +1157,7 @@ class MeteringProxy:
         error: str | None,
         cost: float | None = None,
     ) -> None:
-        from cage.ledger import Event
+        from cage.ledger import Event, canonical_request_id
         from cage.pricing import price
 
         if call.done:
@@ -1190,7 +1190,12 @@ class MeteringProxy:
             mission_id=self.config.mission_id,
             duration_s=round(time.monotonic() - call.started, 6),
             error_class=error,
-            request_id=call.request_id or f"cage-proxy-{uuid.uuid4().hex}",
+            # The canonical id (<provider>:<upstream id>): a transcript import of the same
+            # call (Claude Code's requestId is this request-id header) is then not counted
+            # again.
+            request_id=canonical_request_id(provider, call.request_id)
+            if call.request_id
+            else f"cage-proxy-{uuid.uuid4().hex}",
             source="proxy",
             extra=extra,
         )

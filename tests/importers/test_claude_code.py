@@ -46,7 +46,7 @@ def test_one_event_per_response_with_normalised_tokens(tmp_path, ledger_db, caps
     assert row["model"] == "claude-sonnet-4-20250514"
     assert (row["input_tokens"], row["output_tokens"]) == (3, 7)
     assert (row["cache_write_tokens"], row["cache_read_tokens"]) == (100, 50)
-    assert row["request_id"] == "claude-code:msg_a:req_a"
+    assert row["request_id"] == "anthropic:req_a"
     assert row["source"] == "claude-code"
     extra = json.loads(row["extra"])
     assert extra["session_id"] == "sess-1"
@@ -98,7 +98,7 @@ def test_copies_across_files_count_once_main_file_first(tmp_path, ledger_db, cap
     assert code == 0
     assert (doc["imported"], doc["duplicates"], doc["files"]) == (2, 1, 2)
     rows = {r["request_id"]: r for r in ledger_rows(ledger_db)}
-    assert "is_sidechain" not in json.loads(rows["claude-code:msg_a:req_a"]["extra"])
+    assert "is_sidechain" not in json.loads(rows["anthropic:req_a"]["extra"])
 
 
 def test_second_import_adds_nothing(tmp_path, ledger_db, capsys):
@@ -145,8 +145,8 @@ def test_unfinished_last_line_is_read_once_completed(tmp_path, ledger_db, capsys
     code, doc = run_import(capsys, str(tmp_path / "claude"))
     assert (doc["imported"], doc["bad_lines"], doc["pending"]) == (1, 0, 0)
     assert {r["request_id"] for r in ledger_rows(ledger_db)} == {
-        "claude-code:msg_a:req_a",
-        "claude-code:msg_b:req_b",
+        "anthropic:req_a",
+        "anthropic:req_b",
     }
 
 
@@ -248,9 +248,9 @@ def test_cost_in_transcript_is_measured_else_priced(tmp_path, ledger_db, capsys)
     )
     run_import(capsys, str(tmp_path / "claude"))
     rows = {r["request_id"]: r for r in ledger_rows(ledger_db)}
-    measured = rows["claude-code:msg_a:req_a"]
+    measured = rows["anthropic:req_a"]
     assert (measured["cost_usd"], measured["truth"]) == (0.125, "measured")
-    priced = rows["claude-code:msg_b:req_b"]
+    priced = rows["anthropic:req_b"]
     assert priced["truth"] == "modeled"
     assert priced["cost_usd"] > 0
 
@@ -323,7 +323,7 @@ def test_parse_file_is_pure_and_yields_every_copy(tmp_path):
         [user_line(), claude_line("msg_a", "req_a"), claude_line("msg_a", "req_a"), "bad"],
     )
     events = list(claude_code.parse_file(path))
-    assert [e["request_id"] for e in events] == ["claude-code:msg_a:req_a"] * 2
+    assert [e["request_id"] for e in events] == ["anthropic:req_a"] * 2
 
 
 def test_progress_lines_nested_usage_is_read(tmp_path, ledger_db, capsys):
@@ -342,7 +342,7 @@ def test_progress_lines_nested_usage_is_read(tmp_path, ledger_db, capsys):
     write_lines(project(tmp_path) / "s.jsonl", [progress_line])
     run_import(capsys, str(tmp_path / "claude"))
     [row] = ledger_rows(ledger_db)
-    assert (row["request_id"], row["output_tokens"]) == ("claude-code:msg_n:req_n", 77)
+    assert (row["request_id"], row["output_tokens"]) == ("anthropic:req_n", 77)
 
 
 def test_counts_agree_with_the_pricing_normaliser(tmp_path):
@@ -394,7 +394,7 @@ def test_two_process_import_gives_the_same_result(tmp_path, ledger_db, capsys, m
     assert (doc["imported"], doc["duplicates"], doc["bad_lines"], doc["files"]) == (11, 1, 1, 2)
     assert doc["errors"][0]["line"] == 7
     rows = {r["request_id"]: r for r in ledger_rows(ledger_db)}
-    assert rows["claude-code:msg_2:req_2"]["output_tokens"] == 999
+    assert rows["anthropic:req_2"]["output_tokens"] == 999
     append_lines(path, [claude_line("msg_new", "req_new")])
     code, doc = run_import(capsys, str(tmp_path / "claude"))
     # The bad line was consumed: the next import reads only new lines and is clean.
@@ -406,3 +406,44 @@ def test_a_config_folder_means_its_projects(tmp_path, ledger_db, capsys):
     write_lines(tmp_path / "claude" / "history.jsonl", ['{"display": "not a transcript"}'])
     code, doc = run_import(capsys, str(tmp_path / "claude"))
     assert (code, doc["imported"], doc["files"]) == (0, 1, 1)
+
+
+def test_reimport_after_upgrade_does_not_count_calls_stored_under_old_ids(
+    tmp_path, ledger_db, capsys
+):
+    # A ledger written before canonical ids (schema 3): one call imported from the transcript
+    # as claude-code:<message id>:<request id>, another metered by the proxy under the bare
+    # request-id header. Importing the transcript again after the upgrade adds only the new.
+    import sqlite3
+
+    from cage.ledger import MIGRATIONS
+
+    db = sqlite3.connect(ledger_db)
+    for step in MIGRATIONS[:3]:
+        for sql in step:
+            db.execute(sql)
+    db.execute("PRAGMA user_version = 3")
+    db.executemany(
+        "INSERT INTO events (timestamp, provider, model, input_tokens, output_tokens, truth, "
+        "source, request_id) VALUES ('2026-11-20T10:00:00Z', 'anthropic', "
+        "'claude-sonnet-4-20250514', 10, 20, 'modeled', ?, ?)",
+        [("claude-code", "claude-code:msg_a:req_a"), ("proxy", "req_b")],
+    )
+    db.commit()
+    db.close()
+    write_lines(
+        project(tmp_path) / "sess-1.jsonl",
+        [
+            claude_line("msg_a", "req_a"),
+            claude_line("msg_b", "req_b"),
+            claude_line("msg_c", "req_c"),
+        ],
+    )
+    code, doc = run_import(capsys, str(tmp_path / "claude"))
+    assert code == 0
+    assert (doc["imported"], doc["duplicates"]) == (1, 2)
+    assert [(r["source"], r["request_id"]) for r in ledger_rows(ledger_db)] == [
+        ("claude-code", "anthropic:req_a"),
+        ("proxy", "anthropic:req_b"),
+        ("claude-code", "anthropic:req_c"),
+    ]

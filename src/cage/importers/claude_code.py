@@ -7,9 +7,12 @@ resumed-session files), so copies are merged on ``message.id`` + ``requestId``:
 - within a run, among copies seen close together, the best copy is kept: a non-sidechain
   copy over a sidechain copy, then the largest token total, then one that names ``speed``
   (ccusage's order, so our per-model totals match it);
-- across files and across runs the ledger's unique request id
-  ``claude-code:<message.id>:<requestId>`` keeps the first copy stored; subagent files are
-  read after the main session files so the main copy is normally the first.
+- across files and across runs the ledger's unique request id keeps the first copy
+  stored; subagent files are read after the main session files so the main copy is
+  normally the first. The id is ``anthropic:<requestId>``, the canonical id of an Anthropic
+  call (``cage proxy`` records the same call under the same id, from the same
+  ``request-id`` header), or ``claude-code:<message.id>:-`` for a line without a
+  ``requestId``.
 
 A line without ``message.id`` cannot be matched with its copies; it gets the stable id
 ``claude-code:line:<uuid>`` (the line's own ``uuid``), or a hash of the line's bytes when it
@@ -182,7 +185,10 @@ class FileParser:
             raise BadLine("costUSD is not a non-negative number")
 
         if message_id:
-            ledger_id = f"{SOURCE}:{message_id}:{request_id or '-'}"
+            # requestId is the API's request-id header: with it the call gets the canonical
+            # id the proxy gives the same call (cage.ledger.canonical_request_id), so a call
+            # both metered by `cage proxy` and found here is recorded once.
+            ledger_id = f"{PROVIDER}:{request_id}" if request_id else f"{SOURCE}:{message_id}:-"
             key: Any = (message_id, request_id)
         else:
             line_uuid = obj.get("uuid")
