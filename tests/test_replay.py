@@ -96,6 +96,21 @@ def test_stdout_and_stderr_go_to_files_in_log_dir(work, logs):
     assert result.stderr_path.read_text() == "err\n"
 
 
+def test_planted_fifo_or_symlink_at_a_log_path_is_replaced(work, logs, tmp_path):
+    """An earlier command's code knows the log folder: a FIFO there must not block cage,
+    a symlink must not make cage truncate a file elsewhere (red team, docs/redteam.md)."""
+    logs.mkdir(parents=True, exist_ok=True)
+    os.mkfifo(logs / "regression-stdout.log")
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me\n")
+    (logs / "regression-stderr.log").symlink_to(victim)
+    result = run_command("regression", "echo out; echo err >&2", work, 10, logs)
+    assert result.stdout_path.read_text() == "out\n"
+    assert not result.stderr_path.is_symlink()
+    assert result.stderr_path.read_text() == "err\n"
+    assert victim.read_text() == "keep me\n"
+
+
 def test_stdin_is_dev_null(work, logs):
     # `cat` would wait forever on a terminal or an inherited pipe.
     result = run_command("command", "cat; echo done", work, 10, logs)

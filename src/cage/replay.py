@@ -697,6 +697,29 @@ def _pytest_addopts(report_path: Path, cache_dir: Path) -> str:
     return " ".join(shlex.quote(option) for option in options)
 
 
+def _fresh_log(path: Path) -> Any:
+    """A new regular file at ``path``, opened for writing, whatever was there before.
+
+    An earlier command in the same log folder runs code from the change, and that code can
+    learn the folder from PYTEST_ADDOPTS: it could leave a FIFO here (``open`` for writing
+    would block cage forever) or a symlink (cage would truncate a file elsewhere). So the
+    path is cleared and created exclusively, without following links.
+    """
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+    try:
+        fd = os.open(path, flags, 0o600)
+    except OSError as exc:
+        raise CageError(
+            f"cannot create the log file {path}: {exc.strerror}; something replaced it "
+            "while the previous command ran"
+        ) from None
+    return os.fdopen(fd, "wb")
+
+
 def _remove_stale(log_dir: Path, name: str) -> None:
     # Reports and caches of earlier runs of this name: never evidence for this one.
     for stale in log_dir.glob(f"{name}-junit*"):
@@ -746,7 +769,7 @@ def run_command(
         interrupts.arm()  # an interrupt held so far: raise it before anything starts
         interrupts.disarm()
         started = time.monotonic()
-        with open(stdout_path, "wb") as out, open(stderr_path, "wb") as err:
+        with _fresh_log(stdout_path) as out, _fresh_log(stderr_path) as err:
             try:
                 shell = subprocess.Popen(
                     ["/bin/sh", "-c", command],

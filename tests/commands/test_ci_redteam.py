@@ -70,6 +70,7 @@ class Project(GitRepo):
         *,
         env: dict[str, str] | None = None,
         args: tuple[str, ...] | None = None,
+        timeout: float = 180,
     ) -> tuple[int, dict[str, Any], str]:
         """Run the gate as a subprocess: (exit code, verdict document, stderr)."""
         head = head or self.head()
@@ -82,7 +83,7 @@ class Project(GitRepo):
             env=full_env,
             capture_output=True,
             text=True,
-            timeout=180,
+            timeout=timeout,
         )
         try:
             doc = json.loads(done.stdout)
@@ -965,4 +966,32 @@ def test_regression_run_poisoned_through_the_object_store(project: Project) -> N
     project.set_policy(regression="python -m pytest -q tests")
     project.write("src/calc/ops.py", POISON_OBJECT)
     code, doc, _ = project.gate(project.commit("fix add, break sub, poison the object"))
+    not_pass(code, doc)
+
+
+# The head command run knows cage's log folder (from PYTEST_ADDOPTS) and plants a FIFO
+# where cage will open the regression run's stdout log: an open() for writing blocks
+# until a reader comes, so the gate would hang until the CI job's own timeout.
+FIFO_PLANTER = (
+    "import os\nimport shlex\n\n\n"
+    "def _n(*codes):\n    return bytes(codes).decode()\n\n\n"
+    "def _plant():\n"
+    "    name = _n(80, 89, 84, 69, 83, 84, 95, 65, 68, 68, 79, 80, 84, 83)\n"
+    "    for word in shlex.split(os.environ.get(name, '')):\n"
+    "        if '=' in word and word.endswith('.xml'):\n"
+    "            folder = os.path.dirname(word.split('=', 1)[1])\n"
+    "            for name in ('regression-stdout.log', 'regression-stderr.log'):\n"
+    "                path = os.path.join(folder, name)\n"
+    "                if not os.path.exists(path):\n"
+    "                    os.mkfifo(path)\n\n\n"
+    "def add(a, b):\n    _plant()\n    return a - b\n\n\n"
+    "def mul(a, b):\n    return a * b\n"
+)
+
+
+def test_fifo_planted_for_the_regression_log_does_not_hang_the_gate(project: Project) -> None:
+    project.set_policy(regression="python -m pytest -q tests")
+    project.write("src/calc/ops.py", FIFO_PLANTER)
+    head = project.commit("plant fifos")
+    code, doc, _ = project.gate(head, timeout=60)
     not_pass(code, doc)
