@@ -447,3 +447,22 @@ def test_reimport_after_upgrade_does_not_count_calls_stored_under_old_ids(
         ("proxy", "anthropic:req_b"),
         ("claude-code", "anthropic:req_c"),
     ]
+
+
+def test_lines_read_the_same_whichever_json_parser_is_installed(tmp_path, ledger_db, capsys):
+    # orjson (optional) is stricter than the standard library; what it refuses the standard
+    # library decides, and a count beyond 64 bits (which parsers read differently) is bad.
+    path = project(tmp_path) / "sess-1.jsonl"
+    good = claude_line("msg_a", "req_a", input_tokens=5)
+    huge = claude_line("msg_b", "req_b").replace(
+        '"input_tokens": 10', '"input_tokens": ' + "9" * 30
+    )
+    nan = claude_line("msg_c", "req_c").replace('"output_tokens": 20', '"output_tokens": NaN')
+    write_lines(path, [good, huge, nan])
+    code, doc = run_import(capsys, str(tmp_path / "claude"))
+    assert code == 1
+    assert (doc["imported"], doc["bad_lines"]) == (1, 2)
+    assert [e["message"] for e in doc["errors"]] == [
+        "message.usage.input_tokens is too large to be a token count",
+        "message.usage.output_tokens = nan is not a whole number",
+    ]

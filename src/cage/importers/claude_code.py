@@ -32,9 +32,11 @@ from pathlib import Path
 from typing import Any
 
 from cage.importers.common import (
+    MAX_TOKENS,
     BadLine,
     ImportReport,
     iter_files,
+    loads_line,
     normalise_timestamp,
     token_count,
 )
@@ -117,7 +119,7 @@ class FileParser:
                 raise BadLine("not a JSON object (malformed or truncated line)")
             return []
         try:
-            obj = json.loads(raw.decode("utf-8"))
+            obj = loads_line(raw)
         except ValueError as exc:
             raise BadLine(f"malformed JSON ({_json_reason(exc)})") from None
         if not isinstance(obj, dict):
@@ -145,10 +147,10 @@ class FileParser:
             and type(output_tokens) is int
             and type(cache_read) is int
             and type(cache_write) is int
-            and input_tokens >= 0
-            and output_tokens >= 0
-            and cache_read >= 0
-            and cache_write >= 0
+            and 0 <= input_tokens <= MAX_TOKENS
+            and 0 <= output_tokens <= MAX_TOKENS
+            and 0 <= cache_read <= MAX_TOKENS
+            and 0 <= cache_write <= MAX_TOKENS
         ):
             input_tokens = token_count(usage, "input_tokens", "message.usage.")
             output_tokens = token_count(usage, "output_tokens", "message.usage.")

@@ -31,6 +31,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, TextIO
 
+# Larger token counts are refused: no call uses them, and beyond 64 bits SQLite cannot
+# store them (nor do JSON parsers agree on reading them).
+MAX_TOKENS = 2**53
 # At most this many bad lines are listed; the rest are counted.
 MAX_LISTED_ERRORS = 20
 # Events handed to the ledger per transaction; the file's state is saved after each batch.
@@ -148,6 +151,27 @@ def read_complete_lines(
         offset = end
 
 
+try:  # optional: parses a transcript line about three times faster than the stdlib
+    import orjson as _orjson
+except ImportError:  # pragma: no cover - depends on the installation
+    _orjson = None
+
+
+def loads_line(raw: bytes) -> Any:
+    """``json.loads(raw.decode("utf-8"))``: exactly its results and errors, faster with orjson.
+
+    orjson is stricter (no NaN, integers within 64 bits, no lone surrogates): whatever it
+    refuses is handed to the standard library, which then decides and names the problem,
+    so a line reads the same with or without orjson installed.
+    """
+    if _orjson is not None:
+        try:
+            return _orjson.loads(raw)
+        except _orjson.JSONDecodeError:
+            pass
+    return json.loads(raw.decode("utf-8"))
+
+
 def _is_complete_json(raw: bytes) -> bool:
     try:
         json.loads(raw)
@@ -247,6 +271,9 @@ def token_count(mapping: dict, key: str, where: str = "") -> int:
         value = int(value)
     if value < 0:
         raise BadLine(f"{where}{key} = {value} is negative")
+    if value > MAX_TOKENS:
+        # Not a count any API reports; refused the same way whichever JSON parser read it.
+        raise BadLine(f"{where}{key} is too large to be a token count")
     return value
 
 
