@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import psutil
@@ -429,6 +430,47 @@ def test_worktree_of_unknown_commit_leaves_nothing(git_repo):
     with pytest.raises(GitError, match="worktree"), repo.worktree("1" * 40):
         pass
     assert set(Path(tempfile.gettempdir()).glob("cage-wt-*")) == before
+    assert worktrees(git_repo) == [str(git_repo.path)]
+
+
+def processes_naming(path: Path) -> list[psutil.Process]:
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            if any(str(path) in arg for arg in proc.cmdline()):
+                found.append(proc)
+        except psutil.Error:
+            pass
+    return found
+
+
+@pytest.mark.parametrize("delay", [0, 0.01, 0.05])
+def test_started_worktree_cancelled_while_git_writes_leaves_nothing(git_repo, delay):
+    for i in range(300):
+        git_repo.write(f"pkg{i % 10}/f{i}.txt", f"{i}\n" * 50)
+    base = git_repo.commit("many files")
+    repo = Repo(git_repo.path)
+    pending = repo.start_worktree(base)
+    path = pending.path
+    time.sleep(delay)
+    pending.close()  # git is most likely still writing: it is stopped, then all is removed
+    assert not path.exists()
+    assert worktrees(git_repo) == [str(git_repo.path)]
+    assert not list((git_repo.path / ".git" / "worktrees").glob("*"))
+    assert processes_naming(path) == []
+    with pytest.raises(GitError, match="cancelled"):
+        pending.wait()
+
+
+def test_started_worktree_is_the_commit_and_is_removed(git_repo):
+    base, _ = two_commits(git_repo)
+    repo = Repo(git_repo.path)
+    with repo.start_worktree(base) as pending:
+        wt = pending.wait()
+        assert wt is pending.wait()
+        assert (wt.path / "a.txt").read_text() == "base\n"
+        assert not (wt.path / "b.txt").exists()
+    assert not wt.path.exists()
     assert worktrees(git_repo) == [str(git_repo.path)]
 
 

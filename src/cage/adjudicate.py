@@ -12,6 +12,7 @@ is not in the table is treated as an integrity failure (``BLOCKED``), never igno
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import re
@@ -1064,16 +1065,20 @@ def adjudicate(
     """
     started = time.monotonic()
     try:
-        verdict = _adjudicate(
-            repo_path,
-            base_rev,
-            head_rev,
-            spend_evidence_path,
-            progress,
-            attest_key,
-            spend_statements,
-            given_policy=policy,
-        )
+        # The base worktree is started early (see _adjudicate); whatever happens, it is
+        # removed and unregistered when this block ends.
+        with contextlib.ExitStack() as cleanup:
+            verdict = _adjudicate(
+                repo_path,
+                base_rev,
+                head_rev,
+                spend_evidence_path,
+                progress,
+                attest_key,
+                spend_statements,
+                given_policy=policy,
+                cleanup=cleanup,
+            )
     except Exception as exc:  # fail closed: an unexpected error must never look like a PASS
         verdict = blocked(
             "internal_error", f"cage failed while adjudicating: {type(exc).__name__}: {exc}"
@@ -1092,6 +1097,7 @@ def _adjudicate(
     attest_key: bytes | None = None,
     spend_statements: Sequence[Any] = (),
     given_policy: Any = None,
+    cleanup: contextlib.ExitStack | None = None,
 ) -> Verdict:
     from cage import attest, gitio, pathrules
     from cage import policy as policy_mod
@@ -1127,9 +1133,19 @@ def _adjudicate(
     clock = time.monotonic()
     policy_path = policy_mod.POLICY_PATH
     # A policy given by the caller (`cage mission run --policy FILE`) replaces the base's.
-    data = repo.read_file_at(base, policy_path) if given_policy is None else b""
+    entry = repo.entry_at(base, policy_path) if given_policy is None else None
+    found = entry is not None and entry.type == "blob" and entry.mode in gitio.REGULAR_MODES
+    pending = None
+    if cleanup is not None and (found or given_policy is not None):
+        # Writing the base worktree is the largest single cost of a replay: git starts on it
+        # now, while the policy, the change and its blobs are read and judged. No code of
+        # the repository runs (same safe settings as any checkout); when the verdict turns
+        # out certain without a replay, git is stopped and the worktree removed.
+        pending = cleanup.enter_context(repo.start_worktree(base))
+    data = b"" if given_policy is not None else None
+    if found:
+        data = repo.read_blobs([entry.sha])[entry.sha]
     if data is None:
-        entry = repo.entry_at(base, policy_path) if hasattr(repo, "entry_at") else None
         what = "does not exist" if entry is None else f"is not a regular file (mode {entry.mode})"
         return blocked(
             "policy_missing",
@@ -1230,7 +1246,7 @@ def _adjudicate(
         reasons.append(Reason("replay_skipped", f"the verify command was not replayed: {why}"))
     else:
         replay_reasons, replay_status = _replay(
-            repo, base, head, policy, verification, timings, progress
+            repo, base, head, policy, verification, timings, progress, pending
         )
         reasons.extend(replay_reasons)
 
@@ -1275,8 +1291,14 @@ def _replay(
     verification: dict[str, Any],
     timings: dict[str, float],
     progress: Callable[[str], None] | None,
+    pending: Any = None,
 ) -> tuple[list[Reason], str]:
-    """One worktree of base, run, switch to head (cleaned), freeze the verifier, run, judge."""
+    """One worktree of base, run, switch to head (cleaned), freeze the verifier, run, judge.
+
+    ``pending`` is the base worktree already being written (``Repo.start_worktree``).
+    """
+    import psutil  # noqa: F401  (replay needs it: imported while git writes the worktree)
+
     from cage import replay
 
     v = policy.verification
@@ -1289,7 +1311,10 @@ def _replay(
     head_side = None
     try:
         clock = time.monotonic()
-        with repo.worktree(base) as worktree:
+        if pending is None:
+            pending = repo.start_worktree(base)
+        with pending:
+            worktree = pending.wait()
             timings["worktree_s"] = time.monotonic() - clock
             _say(
                 progress,

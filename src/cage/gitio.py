@@ -41,8 +41,10 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -175,6 +177,17 @@ class TreeEntry:
     path: str
 
 
+def _git_command(
+    cwd: Path, args: Sequence[str | bytes], config: Sequence[str] = ()
+) -> list[str | bytes]:
+    """``git -C cwd -c SAFE... -c config... args``."""
+    cmd: list[str | bytes] = ["git", "-C", str(cwd)]
+    for item in (*SAFE_CONFIG, *config):
+        cmd += ["-c", item]
+    cmd += list(args)
+    return cmd
+
+
 def parse_raw_diff(out: bytes) -> list[Change]:
     """Parse ``git diff --raw -z`` output (``:om nm os ns S\\0path\\0``, two paths for R/C)."""
     fields = out.split(b"\0")
@@ -257,10 +270,7 @@ class Repo:
         ok_codes: tuple[int, ...] = (0,),
         env: dict[str, str] | None = None,
     ) -> bytes:
-        cmd: list[str | bytes] = ["git", "-C", str(cwd)]
-        for item in (*SAFE_CONFIG, *config):
-            cmd += ["-c", item]
-        cmd += list(args)
+        cmd = _git_command(cwd, args, config)
         run_env = git_env()
         run_env.update(env or {})  # set after the scrub: e.g. a temporary GIT_INDEX_FILE
         try:
@@ -579,17 +589,29 @@ class Repo:
 
         Removed and unregistered on exit whatever happens (error, KeyboardInterrupt).
         """
+        with self.start_worktree(commit) as pending:
+            yield pending.wait()
+
+    def start_worktree(self, commit: str) -> PendingWorktree:
+        """Start ``git worktree add --detach`` of ``commit`` (system temporary directory) in
+        the background and return at once; use the result as a context manager.
+
+        Writing the worktree of a large repository is the largest single cost of a replay,
+        so ``cage ci`` starts it as soon as base is known and reads the policy, the change
+        and its blobs meanwhile. ``PendingWorktree.wait()`` gives the :class:`Worktree`;
+        leaving the ``with`` block (or ``close()``) stops git if it still runs, then removes
+        and unregisters the worktree, whatever happened (error, KeyboardInterrupt).
+        """
         _check_rev(commit)
+        config = self._checkout_config(self.root)  # read right before the add, as always
         path = Path(tempfile.mkdtemp(prefix="cage-wt-", dir=tempfile.gettempdir()))
+        pending = PendingWorktree(self, commit, path)
         try:
-            self._run(
-                ["worktree", "add", "--detach", "--quiet", str(path), commit],
-                what=f"creating a worktree of {commit} at {path}",
-                config=self._checkout_config(self.root),
-            )
-            yield Worktree(self, path)
-        finally:
-            self._remove_worktree(path)
+            pending._start(config)
+        except BaseException:
+            pending.close()
+            raise
+        return pending
 
     def _remove_worktree(self, path: Path) -> None:
         """Remove and unregister a worktree; survives a second Ctrl-C during the cleanup."""
@@ -648,6 +670,120 @@ class Repo:
             self._cat = None
 
     def __enter__(self) -> Repo:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class PendingWorktree:
+    """A ``git worktree add --detach`` running in the background (:meth:`Repo.start_worktree`).
+
+    git runs in its own session (process group), so that ``close()`` can stop it together
+    with the processes it starts (``reset --hard``, parallel checkout workers) before the
+    directory is removed; a Ctrl-C reaches cage, whose ``close()`` does the same. The add
+    runs with the same safe settings as every other git call: no hook, no filter driver.
+    """
+
+    def __init__(self, repo: Repo, commit: str, path: Path) -> None:
+        self.repo = repo
+        self.commit = commit
+        self.path = path
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._stderr: Any = None
+        self._worktree: Worktree | None = None
+        self._closed = False
+
+    def _start(self, config: Sequence[str]) -> None:
+        cmd = _git_command(
+            self.repo.root,
+            ["worktree", "add", "--detach", "--quiet", str(self.path), self.commit],
+            config,
+        )
+        # A file, not a pipe: nobody reads while git runs, and a full pipe would stall it.
+        self._stderr = tempfile.TemporaryFile()  # noqa: SIM115 (closed by close())
+        try:
+            self._proc = subprocess.Popen(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=self._stderr,
+                env=git_env(),
+                start_new_session=True,
+            )
+        except FileNotFoundError as exc:
+            raise GitError("git is not installed or not on PATH; install git") from exc
+        except OSError as exc:
+            raise GitError(f"cannot run git worktree (creating {self.path}): {exc}") from exc
+
+    def wait(self) -> Worktree:
+        """Wait for git; the worktree, or GitError when the add failed."""
+        if self._worktree is not None:
+            return self._worktree
+        if self._closed or self._proc is None:
+            raise GitError(f"the worktree of {self.commit} at {self.path} was cancelled")
+        if self._proc.wait() != 0:
+            self._stderr.seek(0)
+            raise GitError(
+                f"git worktree failed: creating a worktree of {self.commit} at {self.path}: "
+                f"{_tail(self._stderr.read())}"
+            )
+        self._worktree = Worktree(self.repo, self.path)
+        return self._worktree
+
+    def close(self) -> None:
+        """Stop git if it still runs, then remove and unregister the worktree (idempotent;
+        survives a second Ctrl-C while stopping git)."""
+        if self._closed:
+            return
+        self._closed = True
+        interrupted: BaseException | None = None
+        for _ in range(3):
+            try:
+                self._stop()
+                break
+            except KeyboardInterrupt as exc:
+                interrupted = exc
+        try:
+            if self._stderr is not None:
+                self._stderr.close()
+            self.repo._remove_worktree(self.path)
+        finally:
+            if interrupted is not None:
+                raise interrupted
+
+    def _stop(self) -> None:
+        """Stop git and every process of its group, and wait until they are gone."""
+        proc = self._proc
+        if proc is None or proc.returncode is not None:
+            return
+        if proc.poll() is None:
+            with contextlib.suppress(OSError):
+                os.killpg(proc.pid, signal.SIGTERM)  # git removes its half-made worktree
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(OSError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        # Children of git (reset --hard, checkout workers) may outlive it for a moment: the
+        # directory is removed only when the whole group is gone, so none writes after that.
+        deadline = time.monotonic() + 5
+        while True:
+            with contextlib.suppress(ChildProcessError):
+                while os.waitpid(-proc.pid, os.WNOHANG)[0]:  # orphans cage adopted as subreaper
+                    pass
+            try:
+                os.killpg(proc.pid, signal.SIGKILL if time.monotonic() > deadline else 0)
+            except ProcessLookupError:
+                return
+            except OSError:
+                return
+            if time.monotonic() > deadline + 5:
+                return
+            time.sleep(0.01)
+
+    def __enter__(self) -> PendingWorktree:
         return self
 
     def __exit__(self, *exc: object) -> None:

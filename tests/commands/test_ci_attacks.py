@@ -313,6 +313,40 @@ def test_background_setsid_and_double_fork_processes_are_killed(
     assert list(private_tmp.iterdir()) == []
 
 
+@pytest.mark.parametrize("case", ["out_of_scope", "policy_invalid", "empty_change"])
+def test_worktree_started_early_is_removed_when_no_replay_runs(project, capsys, private_tmp, case):
+    # The base worktree is started as soon as base is known; a verdict decided without a
+    # replay stops it and removes it.
+    if case == "policy_invalid":
+        project.write(".runcap/mission.yaml", "version: v1\nmission: {name: x}\n")
+        project.base = project.commit("broken policy")
+    if case == "out_of_scope":
+        project.write("README.md", "# calc, edited\n")
+    head = project.base if case == "empty_change" else project.commit("change")
+    code, doc, _ = adjudicate(capsys, project, head)
+    assert code == 1 and case in codes(doc)
+    assert project.git("worktree", "list", "--porcelain").count("worktree ") == 1
+    assert list(private_tmp.iterdir()) == []
+
+
+def test_interrupt_while_the_early_worktree_is_written_leaves_nothing(
+    project, private_tmp, monkeypatch
+):
+    from cage import adjudicate as adj
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(adj, "classify", interrupted)  # a Ctrl-C during classification
+    project.fix()
+    head = project.commit("fix")
+    with pytest.raises(KeyboardInterrupt):
+        adj.adjudicate(project.path, project.base, head)
+    assert project.git("worktree", "list", "--porcelain").count("worktree ") == 1
+    assert not list((project.path / ".git" / "worktrees").glob("*"))
+    assert list(private_tmp.iterdir()) == []
+
+
 def test_ci_tokens_are_not_in_the_verify_commands_environment(
     project, capsys, tmp_path, monkeypatch
 ):
