@@ -790,13 +790,42 @@ def pytest_summary_of(result: Any) -> dict[str, int] | None:
     path = getattr(result, "stdout_path", None)
     if path is None:
         return None
+    data = read_log_tail(path, SUMMARY_TAIL_BYTES)
+    return None if data is None else parse_pytest_summary(data.decode("utf-8", "replace"))
+
+
+def read_log_tail(path: str | os.PathLike[str], limit: int) -> bytes | None:
+    """The last ``limit`` bytes of a command's log, or None when it is not a regular file.
+
+    The command ran code from the change, and that code can replace its own log (it knows
+    the folder from PYTEST_ADDOPTS): a FIFO would block a plain open() forever, a symlink
+    would show another file. So: no symlinks, no blocking, regular files only.
+    """
+    import stat
+
     try:
-        with open(path, "rb") as fh:
-            fh.seek(0, os.SEEK_END)
-            fh.seek(max(0, fh.tell() - SUMMARY_TAIL_BYTES))
-            return parse_pytest_summary(fh.read().decode("utf-8", "replace"))
+        fd = os.open(
+            path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOFOLLOW", 0)
+        )
     except OSError:
         return None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            return None
+        os.lseek(fd, max(0, info.st_size - limit), os.SEEK_SET)
+        chunks, size = [], 0
+        while size < limit:
+            chunk = os.read(fd, limit - size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+        return b"".join(chunks)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
 
 
 def judge_summary(
@@ -1015,12 +1044,8 @@ def _output_tail(result: Any) -> str | None:
     """The last lines of a failed run's stdout and stderr (untrusted text: callers escape)."""
     parts = []
     for path in (result.stdout_path, result.stderr_path):
-        try:
-            with open(path, "rb") as fh:
-                fh.seek(0, os.SEEK_END)
-                fh.seek(max(0, fh.tell() - TAIL_BYTES))
-                data = fh.read()
-        except OSError:
+        data = read_log_tail(path, TAIL_BYTES)
+        if data is None:
             continue
         lines = data.decode("utf-8", "replace").splitlines()[-TAIL_LINES:]
         if lines:
@@ -1049,6 +1074,7 @@ def adjudicate(
     policy: Any = None,
     attest_key: bytes | None = None,
     spend_statements: Sequence[Any] = (),
+    spend_elsewhere: bool = False,
 ) -> Verdict:
     """The whole gate: resolve, read the base policy, classify, replay if it can matter, decide.
 
@@ -1057,7 +1083,8 @@ def adjudicate(
 
     Spend statements (receipts the change adds, the ``spend_evidence_path`` file, and
     ``spend_statements`` given in memory) are verified with ``attest_key`` (see
-    ``cage.attest``); without a key none verifies.
+    ``cage.attest``); without a key none verifies. ``spend_elsewhere`` leaves spend to a
+    separate ``cage ci --mode spend`` job (the only one that needs the key).
 
     Never raises for bad input or an internal failure: those become a ``BLOCKED`` verdict
     (``internal_error`` keeps the error text in ``Verdict.error``). KeyboardInterrupt
@@ -1077,6 +1104,7 @@ def adjudicate(
                 attest_key,
                 spend_statements,
                 given_policy=policy,
+                spend_elsewhere=spend_elsewhere,
                 cleanup=cleanup,
             )
     except Exception as exc:  # fail closed: an unexpected error must never look like a PASS
@@ -1097,6 +1125,7 @@ def _adjudicate(
     attest_key: bytes | None = None,
     spend_statements: Sequence[Any] = (),
     given_policy: Any = None,
+    spend_elsewhere: bool = False,
     cleanup: contextlib.ExitStack | None = None,
 ) -> Verdict:
     from cage import attest, gitio, pathrules
@@ -1218,7 +1247,7 @@ def _adjudicate(
         base=base,
         head=head,
         changes=changes,
-        mode=policy.spend_evidence,
+        mode=attest.ELSEWHERE if spend_elsewhere else policy.spend_evidence,
         limit_usd=policy.budget.mission_hard_limit_usd,
         key=attest_key,
         evidence_path=spend_evidence_path,

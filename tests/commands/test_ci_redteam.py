@@ -995,3 +995,22 @@ def test_fifo_planted_for_the_regression_log_does_not_hang_the_gate(project: Pro
     head = project.commit("plant fifos")
     code, doc, _ = project.gate(head, timeout=60)
     not_pass(code, doc)
+
+
+# The running command replaces its own stdout log by a FIFO: cage reads that log afterwards
+# (pytest's summary line, the output tail) and an open() for reading blocks without a writer.
+FIFO_OWN_LOG = FIFO_PLANTER.replace(
+    "('regression-stdout.log', 'regression-stderr.log')",
+    "('command-stdout.log', 'command-stderr.log')",
+).replace(
+    "                if not os.path.exists(path):\n",
+    "                if not os.path.exists(path) or os.path.isfile(path):\n"
+    "                    if os.path.isfile(path):\n"
+    "                        os.unlink(path)\n",
+)
+
+
+def test_fifo_in_place_of_the_commands_own_log_does_not_hang_the_gate(project: Project) -> None:
+    project.write("src/calc/ops.py", FIFO_OWN_LOG)
+    code, doc, _ = project.gate(project.commit("fifo for my own log"), timeout=60)
+    not_pass(code, doc)
