@@ -62,6 +62,8 @@ TOTAL_KEYS = (
 # Receipts and evidence files are hostile input: bounded before they are parsed.
 MAX_EVIDENCE_BYTES = 1024 * 1024
 MAX_STATEMENTS = 100
+# Spend judged by another job (`cage ci --mode spend`), not by the one that replays.
+ELSEWHERE = "elsewhere"
 
 _HEX64 = re.compile(r"\A[0-9a-f]{64}\Z")
 _HEX8 = re.compile(r"\A[0-9a-f]{8}\Z")
@@ -427,7 +429,8 @@ def assess(
 
     ``mode`` is the policy's ``spend_evidence``: ``off`` ignores statements entirely,
     ``optional`` counts valid ones, ``required`` needs at least one (else
-    ``spend_unattested``). Each invalid statement gives an informational
+    ``spend_unattested``); ``elsewhere`` (``cage ci --spend-elsewhere``) leaves spend to a
+    separate ``--mode spend`` job. Each invalid statement gives an informational
     ``spend_evidence_invalid`` naming its source and the failed check. Several valid
     statements (several missions that produced this same change) are summed; the same
     statement twice counts once. The digest is computed at most once, and only when some
@@ -451,6 +454,10 @@ def assess(
     reasons: list[tuple[str, str, str | None]] = []
     if mode == "off":
         section["note"] = "spend_evidence: off: spend statements are not read"
+        return Assessment(section, reasons)
+    if mode == ELSEWHERE:
+        section["status"] = ELSEWHERE
+        section["note"] = "spend is judged by a separate `cage ci --mode spend` job"
         return Assessment(section, reasons)
 
     cache: dict[str, str] = {}
@@ -577,7 +584,9 @@ def assess_change(
     statements: Iterable[Any] = (),
 ) -> Assessment:
     """:func:`gather` + :func:`assess` for base..head of ``repo`` (a ``gitio.Repo``)."""
-    evidence = [] if mode == "off" else gather(repo, changes, evidence_path, statements)
+    evidence = (
+        [] if mode in ("off", ELSEWHERE) else gather(repo, changes, evidence_path, statements)
+    )
     return assess(
         evidence,
         key,
@@ -586,6 +595,101 @@ def assess_change(
         digest=lambda: change_digest(repo, head),
         limit_usd=limit_usd,
         evidence_path=evidence_path,
+    )
+
+
+SPEND_ONLY_NOTE = (
+    "spend only (`cage ci --mode spend`): no code of the change ran in this job; "
+    "the verify command is replayed by the adjudicate job"
+)
+
+
+def spend_only_verdict(
+    repo_path: str | os.PathLike[str],
+    base_rev: str,
+    head_rev: str,
+    *,
+    key: bytes | None,
+    evidence_path: str | None = None,
+) -> Any:
+    """The spend part of the gate alone, as a ``cage.adjudicate.Verdict``: resolve, read the
+    policy at base, list the change, judge its spend statements. No worktree, no replay: no
+    code of the change runs, so the attest key is never exposed to it (see
+    docs/trust-model.md). BLOCKED for bad input and ``spend_over_limit``,
+    HUMAN_APPROVAL_REQUIRED for ``spend_unattested``, else PASS.
+    """
+    from cage import adjudicate as adj
+    from cage import gitio
+    from cage import policy as policy_mod
+    from cage.errors import GitError, PolicyError
+
+    for label, rev in (("base", base_rev), ("head", head_rev)):
+        if not rev or rev.startswith("-"):
+            return adj.blocked("bad_revision", f"the {label} revision {rev!r} is refused")
+    try:
+        repo = gitio.Repo(repo_path)
+    except GitError as exc:
+        return adj.blocked("not_a_repository", f"{repo_path}: not a git repository ({exc})")
+    with repo:
+        try:
+            base, head = repo.resolve_commit(base_rev), repo.resolve_commit(head_rev)
+        except GitError as exc:
+            return adj.blocked(
+                "unresolvable_revision",
+                f"{exc}; fetch both commits (actions/checkout with fetch-depth: 0)",
+            )
+        path = policy_mod.POLICY_PATH
+        data = repo.read_file_at(base, path)
+        if data is None:
+            return adj.blocked(
+                "policy_missing",
+                f"{path} is not a regular file at the base commit {base[:12]}",
+                base=base,
+                head=head,
+            )
+        info = {"path": path, "hash": policy_mod.hash_policy(data), "source": "base"}
+        try:
+            policy = policy_mod.load_policy(data, f"{path}@{base[:12]}")
+        except PolicyError as exc:
+            verdict = adj.Verdict(
+                adj.BLOCKED,
+                [adj.Reason("policy_invalid", line, path) for line in exc.problems],
+                base=base,
+                head=head,
+                policy=info,
+            )
+            verdict.verdict, verdict.reasons = adj.decide(verdict.reasons)
+            return verdict
+        changes = repo.diff(base, head)
+        if not changes:
+            return adj.blocked(
+                "empty_change",
+                f"base {base[:12]} and head {head[:12]} have the same content",
+                base=base,
+                head=head,
+                policy=info,
+            )
+        assessment = assess_change(
+            repo,
+            base=base,
+            head=head,
+            changes=changes,
+            mode=policy.spend_evidence,
+            limit_usd=policy.budget.mission_hard_limit_usd,
+            key=key,
+            evidence_path=evidence_path,
+        )
+    reasons = [adj.Reason(code, message, where) for code, message, where in assessment.reasons]
+    name, ordered = adj.decide(reasons)
+    return adj.Verdict(
+        name,
+        ordered,
+        base=base,
+        head=head,
+        policy=info,
+        changes=changes,
+        verification={"replayed": False, "skipped_reason": SPEND_ONLY_NOTE},
+        spend=assessment.spend,
     )
 
 

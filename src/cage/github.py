@@ -296,6 +296,8 @@ def spend_summary(spend: Mapping[str, Any]) -> list[str]:
     lines = ["", "### Spend", ""]
     if status == "off":
         return [*lines, "Not evaluated: the policy sets `spend_evidence: off`."]
+    if status == "elsewhere":
+        return [*lines, "Judged by the separate `cage ci --mode spend` job."]
     limit = spend.get("limit_usd")
     if status == "attested":
         lines.append(

@@ -520,3 +520,56 @@ def test_mission_run_signs_and_ci_verifies(project, capsys, tmp_path):
     project.commit("fix-up")
     _, doc, _ = adjudicate(capsys, project)
     assert invalid_checks(doc) == ["wrong_change"]
+
+
+# -- two jobs: the key only where no code of the change runs --------------------------------
+
+
+def test_spend_mode_judges_statements_without_running_the_change(project, capsys):
+    from cage.cli import main
+
+    set_policy(project, spend_evidence="required")
+    mission(project)
+    args = ["--repo", str(project.path), "--base", project.base, "--head", project.head()]
+    code = main(["ci", "--mode", "spend", "--json", *args])
+    doc = json.loads(capsys.readouterr().out)
+    assert code == 0 and doc["verdict"] == "PASS" and doc["spend"]["status"] == "attested"
+    # No worktree, no replay: nothing of the change ran in the job that holds the key.
+    assert doc["verification"]["replayed"] is False
+    assert "--mode spend" in doc["verification"]["skipped_reason"]
+    assert not any(k.startswith(("worktree", "replay")) for k in doc["timings"])
+    assert project.git("worktree", "list").count("\n") == 1
+
+
+def test_spend_mode_blocks_over_the_limit_and_needs_a_human_without_a_statement(project, capsys):
+    from cage.cli import main
+
+    set_policy(project, spend_evidence="required")
+    mission(project, cost=9.0)
+    args = ["--repo", str(project.path), "--base", project.base, "--head", project.head()]
+    assert main(["ci", "--mode", "spend", "--json", *args]) == 1
+    assert codes(json.loads(capsys.readouterr().out)) == {"spend_over_limit"}
+    project.write(receipt_path(), receipt(None))
+    project.commit("receipt without a statement")
+    args[-1] = project.head()
+    assert main(["ci", "--mode", "spend", "--json", *args]) == 3
+    assert "spend_unattested" in codes(json.loads(capsys.readouterr().out))
+
+
+def test_spend_elsewhere_leaves_spend_to_the_other_job(project, capsys, monkeypatch):
+    set_policy(project, spend_evidence="required")
+    project.fix()
+    project.commit("fix, no statement: the spend job decides")
+    monkeypatch.delenv("CAGE_ATTEST_KEY")
+    code, doc, err = run_ci(
+        capsys,
+        "--repo",
+        str(project.path),
+        "--base",
+        project.base,
+        "--head",
+        project.head(),
+        "--spend-elsewhere",
+    )
+    assert code == 0 and doc["spend"]["status"] == "elsewhere" and "warning" not in err
+    assert not codes(doc) & {"spend_unattested", "spend_evidence_invalid"}

@@ -74,10 +74,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Configure the `ci` command's arguments."""
     parser.add_argument(
         "--mode",
-        choices=("adjudicate", "grade"),
+        choices=("adjudicate", "grade", "spend"),
         required=True,
         help="adjudicate: replay the verify command and print a verdict; grade: an advisory "
-        "report of the mission receipts in the change (claimed, not attested; never gates)",
+        "report of the mission receipts in the change (claimed, not attested; never gates); "
+        "spend: verify the change's signed spend statements only, running none of its code "
+        "(the job that holds the attest key)",
     )
     parser.add_argument("--base", metavar="REV", help="base commit (SHA or ref); with --head")
     parser.add_argument("--head", metavar="REV", help="head commit (SHA or ref); with --base")
@@ -93,6 +95,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--attest-key-file",
         metavar="PATH",
         help="the key that verifies spend statements (default: $CAGE_ATTEST_KEY)",
+    )
+    parser.add_argument(
+        "--spend-elsewhere",
+        action="store_true",
+        help="adjudicate without judging spend: a separate `--mode spend` job does it "
+        "(so the attest key never sits in the job that runs the change's code)",
     )
 
 
@@ -111,8 +119,16 @@ def run(args: argparse.Namespace) -> int:
     from cage import adjudicate as adj
     from cage import attest
 
+    if args.spend_elsewhere and args.mode != "adjudicate":
+        raise UsageError("--spend-elsewhere belongs to --mode adjudicate (the job without the key)")
     # A bad key is a configuration error, reported before anything runs (exit 2).
     key = attest.load_key(args.attest_key_file)
+    if key is not None and args.spend_elsewhere:
+        print(
+            "cage: warning: an attest key is set in the job that runs the change's code; "
+            "give it only to the `--mode spend` job",
+            file=sys.stderr,
+        )
     # Paths are bytes in git; undecodable ones reach us as lone surrogates. Never let
     # printing them raise (a crash in the gate must not replace the verdict).
     for stream in (sys.stdout, sys.stderr):
@@ -150,6 +166,12 @@ def _adjudicate(args: argparse.Namespace, key: bytes | None) -> Any:
         if isinstance(found, adj.Reason):
             return adj.blocked(found.code, found.message)
         base, head = found
+    if args.mode == "spend":
+        from cage import attest
+
+        return attest.spend_only_verdict(
+            args.repo, base, head, key=key, evidence_path=args.spend_evidence
+        )
     return adj.adjudicate(
         args.repo,
         base,
@@ -157,6 +179,7 @@ def _adjudicate(args: argparse.Namespace, key: bytes | None) -> Any:
         spend_evidence_path=args.spend_evidence,
         progress=_progress,
         attest_key=key,
+        spend_elsewhere=args.spend_elsewhere,
     )
 
 
@@ -298,6 +321,8 @@ def spend_lines(spend: dict[str, Any]) -> list[str]:
         return lines
     if status == "off":
         return ["spend: not evaluated (spend_evidence: off)"]
+    if status == "elsewhere":
+        return ["spend: judged by the separate `cage ci --mode spend` job"]
     if status == "unattested":
         given = len(spend.get("statements") or [])
         why = f"{given} statement(s) given, none valid" if given else "no spend statement"
