@@ -109,6 +109,11 @@ REASON_CODES: dict[str, tuple[int, str]] = {
         "an added Python file creates a new top-level module (root, src/, lib/...): it can "
         "shadow an installed package or test plugin",
     ),
+    "environment_changed": (
+        RULE_HUMAN,
+        "the head command run changed files outside the worktree that the regression run "
+        "would load (git objects or configuration, Python start-up files, site-packages)",
+    ),
     "tamper_*": (
         RULE_HUMAN,
         "product code reaches into the verifier at run time (see tamper.py; one code per pattern)",
@@ -1387,7 +1392,19 @@ def _replay(
             for result in (head_side.command, head_side.regression):
                 if result is not None:
                     summaries[id(result)] = pytest_summary_of(result)
-        return judge_replay(base_side, head_side, v, lambda r: summaries.get(id(r)))
+        reasons, status = judge_replay(base_side, head_side, v, lambda r: summaries.get(id(r)))
+        changed = verification.get("environment_changed")
+        if changed:
+            reasons.append(
+                Reason(
+                    "environment_changed",
+                    f"the head command run changed {len(changed)} file(s) outside the worktree "
+                    f"that the regression run would load (first: {changed[0]}); the regression "
+                    "was not run",
+                )
+            )
+            status = UNVERIFIED
+        return reasons, status
     finally:
         shutil.rmtree(log_dir, ignore_errors=True)
 
@@ -1416,10 +1433,16 @@ def _run_head(
     """
     if not v.regression:
         return replay.run_side("head", worktree.path, v, Path(log_dir))
+    before = shared_state(worktree.repo, worktree.path)
     side = replay.run_side(
         "head", worktree.path, dataclasses.replace(v, regression=None), Path(log_dir)
     )
     if side.command is None:  # setup failed: judged as such
+        return side
+    changed = state_changes(before, shared_state(worktree.repo, worktree.path))
+    if changed:
+        # The regression run would load what head code left outside the worktree.
+        verification["environment_changed"] = changed[:20]
         return side
     _switch_and_freeze(worktree, head, base, verification["restored_paths"])
     timeout = float(v.timeout_seconds)
@@ -1434,6 +1457,148 @@ def _run_head(
         "regression", v.regression, worktree.path, timeout, Path(log_dir) / "head"
     )
     return side
+
+
+# ---------------------------------------------------------------------------------------
+# State shared by the head command run and the head regression run (outside the worktree)
+
+MAX_STATE_FILES = 200_000  # a walk this large is abandoned (and judged changed)
+
+
+def _python_roots(path_env: str) -> tuple[list[Path], set[Path]]:
+    """Folders whose files the `python` and `python3` on ``path_env`` load at start-up or
+    import: the standard library and site-packages of the interpreter's prefix (and the
+    standard library of the base interpreter a virtual environment links to), and the user
+    site. Second: site-packages folders to leave out (a venv's base, not on its path)."""
+    import glob
+
+    roots: set[Path] = set()
+    skipped: set[Path] = set()
+    for name in ("python3", "python"):
+        exe = shutil.which(name, path=path_env)
+        if exe is None:
+            continue
+        venv = (Path(exe).parent.parent / "pyvenv.cfg").is_file()
+        for candidate in {Path(exe), Path(exe).resolve()}:
+            prefix = candidate.parent.parent
+            found = {Path(p).resolve() for p in glob.glob(str(prefix / "lib*/python3*"))}
+            roots.update(found)
+            if venv and not (prefix / "pyvenv.cfg").is_file():
+                skipped.update(f / "site-packages" for f in found)
+            if not venv:
+                roots.update(
+                    Path(p).resolve() for p in glob.glob(str(prefix / "lib/python3/dist-packages"))
+                )
+    home = os.path.expanduser("~")
+    roots.update(Path(p).resolve() for p in glob.glob(os.path.join(home, ".local/lib/python3*")))
+    return sorted(r for r in roots if r.is_dir()), skipped
+
+
+# Standard-library folders no test run imports (large, and not on the start-up path).
+_UNWATCHED_DIRS = frozenset(
+    {"test", "tests", "idlelib", "tkinter", "turtledemo", "lib2to3", "ensurepip", "pydoc_data"}
+)
+
+
+def _walk_state(
+    root: Path,
+    out: dict[str, tuple[int, int, int]],
+    skip_new_pyc: bool,
+    skipped: Collection[Path] = (),
+) -> None:
+    """(inode, size, ctime) of every file under ``root``; ctime cannot be set back."""
+    stack = [root]
+    while stack:
+        folder = stack.pop()
+        try:
+            entries = list(os.scandir(folder))
+        except OSError:
+            continue
+        for entry in entries:
+            if len(out) > MAX_STATE_FILES:
+                out["<too many files>"] = (0, 0, 0)
+                return
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    if entry.name not in _UNWATCHED_DIRS and Path(entry.path) not in skipped:
+                        stack.append(Path(entry.path))
+                    continue
+                info = entry.stat(follow_symlinks=False)
+            except OSError:
+                continue
+            key = entry.path
+            if skip_new_pyc and entry.name.endswith(".pyc"):
+                key = "pyc:" + key  # new byte code is written by honest imports
+            out[key] = (info.st_ino, info.st_size, info.st_ctime_ns)
+
+
+def shared_state(repo: Any, worktree_path: Path) -> dict[str, tuple[int, int, int]]:
+    """What the head regression run depends on besides the worktree's own files.
+
+    Head code runs during the head command with the runner's file system. It could rewrite
+    a loose object (git does not verify a loose object's hash when it reads it) or the
+    worktree's ``.git`` file, and the checkout before the regression would restore the tests
+    from it; or plant a ``.pth``, ``sitecustomize.py`` or a plugin in site-packages, which
+    the regression's fresh interpreter would load. Every such file is recorded here.
+    """
+    state: dict[str, tuple[int, int, int]] = {}
+    git_dir = Path(repo.git_dir)
+    common = git_dir
+    with contextlib.suppress(OSError):
+        common = (git_dir / (git_dir / "commondir").read_text().strip()).resolve()
+    for part in ("objects", "info", "config", "worktrees", "hooks"):
+        target = common / part
+        if target.is_dir():
+            _walk_state(target, state, skip_new_pyc=False)
+        elif target.exists():
+            info = target.stat()
+            state[str(target)] = (info.st_ino, info.st_size, info.st_ctime_ns)
+    with contextlib.suppress(OSError):
+        info = (worktree_path / ".git").lstat()
+        state[str(worktree_path / ".git")] = (info.st_ino, info.st_size, info.st_ctime_ns)
+    roots, skipped = _python_roots(os.environ.get("PATH", ""))
+    for root in roots:
+        _walk_state(root, state, skip_new_pyc=True, skipped=skipped)
+    return state
+
+
+def state_changes(
+    before: Mapping[str, tuple[int, int, int]], after: Mapping[str, tuple[int, int, int]]
+) -> list[str]:
+    """Paths changed, removed or added between two ``shared_state`` snapshots.
+
+    Allowed: new loose git objects (git in a test may write some; a loose object never
+    shadows one that exists) and new byte code (``*.pyc`` written by imports), and the
+    index and logs of worktrees (git status refreshes them).
+    """
+    changed = []
+    for path in sorted(set(before) | set(after)):
+        if before.get(path) == after.get(path):
+            continue
+        if path not in before and _may_appear(path):
+            continue
+        if _volatile(path):
+            continue
+        changed.append(path[len("pyc:") :] if path.startswith("pyc:") else path)
+    return changed
+
+
+def _may_appear(path: str) -> bool:
+    if path.startswith("pyc:"):
+        return True
+    parts = Path(path).parts
+    if "objects" in parts:
+        rest = parts[parts.index("objects") + 1 :]
+        return len(rest) == 2 and len(rest[0]) == 2 and rest[0] not in ("pa", "in")
+    return False
+
+
+def _volatile(path: str) -> bool:
+    parts = Path(path).parts
+    if "worktrees" in parts:
+        name = parts[-1]
+        return name in ("index", "index.lock", "ORIG_HEAD", "FETCH_HEAD") or "logs" in parts
+    return False
 
 
 def _worth_running_head(base_side: Any, evidence: str) -> bool:

@@ -790,11 +790,6 @@ def private_python(tmp_path: Path) -> Path:
     return venv / "bin"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="hole: head code writes a .pth and a plugin into site-packages during the command "
-    "run; the head regression run loads them (docs/redteam.md R-PTH)",
-)
 def test_regression_run_poisoned_through_site_packages(
     project: Project, private_python: Path
 ) -> None:
@@ -808,6 +803,7 @@ def test_regression_run_poisoned_through_site_packages(
     env = {"PATH": f"{private_python}{os.pathsep}{gate_env()['PATH']}"}
     code, doc, _ = project.gate(project.commit("fix add, break sub, poison"), env=env)
     not_pass(code, doc)
+    assert "environment_changed" in codes(doc), doc["reasons"]
 
 
 def test_regression_control_without_poison_is_blocked(
@@ -952,11 +948,6 @@ POISON_OBJECT = (
 )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="hole: head code rewrites a loose object in the shared object store; the "
-    "regression checkout restores the test from it (docs/redteam.md R-GIT)",
-)
 def test_regression_run_poisoned_through_the_object_store(project: Project) -> None:
     project.write("src/calc/ops.py", OPS_BUGGY + "\n\ndef sub(a, b):\n    return a - b\n")
     project.write(
@@ -967,6 +958,7 @@ def test_regression_run_poisoned_through_the_object_store(project: Project) -> N
     project.write("src/calc/ops.py", POISON_OBJECT)
     code, doc, _ = project.gate(project.commit("fix add, break sub, poison the object"))
     not_pass(code, doc)
+    assert "environment_changed" in codes(doc), doc["reasons"]
 
 
 # The head command run knows cage's log folder (from PYTEST_ADDOPTS) and plants a FIFO
