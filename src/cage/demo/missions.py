@@ -36,7 +36,14 @@ MISSION_TIMEOUT_S = 300
 # Environment the children must not inherit: the demo is offline and sets its own.
 _DROP_ENV_SUFFIXES = ("_API_KEY",)
 _DROP_ENV = frozenset(
-    {"OPENAI_BASE_URL", "ANTHROPIC_BASE_URL", "CAGE_MISSION_ID", "PYTEST_ADDOPTS"}
+    # CAGE_ATTEST_KEY: the demo's missions are unsigned; a user's key must not change them.
+    {
+        "OPENAI_BASE_URL",
+        "ANTHROPIC_BASE_URL",
+        "CAGE_MISSION_ID",
+        "PYTEST_ADDOPTS",
+        "CAGE_ATTEST_KEY",
+    }
 )
 
 
