@@ -586,7 +586,10 @@ def _mission_reasons(run: AgentRun, spend: dict[str, Any], policy: Any) -> list[
         reasons.append(
             _reason(
                 "budget_exceeded",
-                f"the mission reached {limit} (spent {outcome.money(spend['total_usd'])} in "
+                # Reservations refuse a call that *could* cross the cap, so spend usually
+                # stays below it: say the next call would have crossed it.
+                f"the mission hit {limit}: the next call could have crossed it "
+                f"(spent {outcome.money(spend['total_usd'])} in "
                 f"{spend['calls']} call(s)"
                 + (f", {refused} call(s) refused by the budget guard" if refused else "")
                 + ")"
