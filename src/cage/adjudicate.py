@@ -13,7 +13,6 @@ is not in the table is treated as an integrity failure (``BLOCKED``), never igno
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
 import re
 import shlex
@@ -1433,19 +1432,22 @@ def _run_head(
     """
     if not v.regression:
         return replay.run_side("head", worktree.path, v, Path(log_dir))
+    timeout = float(v.timeout_seconds)
+    side_dir = Path(log_dir) / "head"
+    setup = None
+    if v.setup:  # setup may install into site-packages: the snapshot is taken after it
+        setup = replay.run_command("setup", v.setup, worktree.path, timeout, side_dir)
+        if not setup.succeeded:  # judged as a setup failure
+            return replay.SideResult("head", setup, None, None)
     before = shared_state(worktree.repo, worktree.path)
-    side = replay.run_side(
-        "head", worktree.path, dataclasses.replace(v, regression=None), Path(log_dir)
-    )
-    if side.command is None:  # setup failed: judged as such
-        return side
+    command = replay.run_command("command", v.command, worktree.path, timeout, side_dir)
+    side = replay.SideResult("head", setup, command, None)
     changed = state_changes(before, shared_state(worktree.repo, worktree.path))
     if changed:
         # The regression run would load what head code left outside the worktree.
         verification["environment_changed"] = changed[:20]
         return side
     _switch_and_freeze(worktree, head, base, verification["restored_paths"])
-    timeout = float(v.timeout_seconds)
     if v.setup:
         again = replay.run_command(
             "setup", v.setup, worktree.path, timeout, Path(log_dir) / "head-reset"

@@ -1006,3 +1006,19 @@ def test_fifo_in_place_of_the_commands_own_log_does_not_hang_the_gate(project: P
     project.write("src/calc/ops.py", FIFO_OWN_LOG)
     code, doc, _ = project.gate(project.commit("fifo for my own log"), timeout=60)
     not_pass(code, doc)
+
+
+def test_setup_installing_into_site_packages_is_not_environment_change(
+    project: Project, private_python: Path
+) -> None:
+    """Control: `setup` may install (here: a .pth) before the head command; an honest fix
+    with a regression command still passes."""
+    setup = (
+        "python -c \"import sysconfig, pathlib; pathlib.Path(sysconfig.get_paths()['purelib'],"
+        " 'calc_setup.pth').write_text('')\""
+    )
+    project.set_policy(regression="python -m pytest -q tests", setup=setup)
+    project.write("src/calc/ops.py", OPS_FIXED)
+    env = {"PATH": f"{private_python}{os.pathsep}{gate_env()['PATH']}"}
+    code, doc, _ = project.gate(project.commit("honest fix"), env=env)
+    assert (code, doc["verdict"]) == (0, "PASS"), doc["reasons"]
