@@ -639,6 +639,19 @@ def test_changed_lines_crlf_and_new_file() -> None:
     assert changed_lines(b"a\r\nb\r\nc\r\n", b"a\r\nB\r\nc\r\n") == {2}
 
 
+def test_changed_lines_pure_insertion_and_deletion() -> None:
+    assert changed_lines(b"a\nb\n", b"a\nx\ny\nb\n") == {2, 3}
+    assert changed_lines(b"a\nx\ny\nb\n", b"a\nb\n") == {1, 2}  # the lines around the cut
+
+
+def test_comment_between_statements_judges_nothing_inside_one_judges_its_unit() -> None:
+    old = "import os\n\n\ndef main():\n    os._exit(0)\n\n\nmain()\n"
+    between = old.replace("\n\n\nmain()", "\n\n# why main runs here\nmain()")
+    assert codes(old, between) == []
+    inside = old.replace("    os._exit(0)", "    # leave at once\n    os._exit(0)")
+    assert "ends_process_at_import" in codes(old, inside)
+
+
 # --- files and parsing ----------------------------------------------------------------
 
 

@@ -1659,6 +1659,11 @@ def changed_lines(old: bytes | None, new: bytes) -> set[int] | None:
     new_mid = new_lines[head : len(new_lines) - tail]
     if not old_mid and not new_mid:
         return set()
+    # One side empty: a pure insertion or deletion, exactly what difflib would report.
+    if not old_mid:
+        return set(range(head + 1, head + len(new_mid) + 1))
+    if not new_mid:
+        return {head, head + 1}
     changed: set[int] = set()
     if len(old_mid) * len(new_mid) > MAX_DIFF_CELLS:
         # Too costly to align: judge the whole middle, which only over-reports.
@@ -1946,6 +1951,16 @@ def _note_hooks(module: Module, node: ast.AST) -> None:
             module.hooked.add(handler.id)
 
 
+def _touches_statement(tree: ast.Module, ordered: list[int]) -> bool:
+    """True when one of the (sorted) lines falls inside a top-level statement's span."""
+    for statement in tree.body:
+        start, end = _span(statement)
+        first = bisect.bisect_left(ordered, start)
+        if first < len(ordered) and ordered[first] <= end:
+            return True
+    return False
+
+
 def scan_change(path: str, old: bytes | None, new: bytes) -> list[TamperFinding]:
     """Findings for the code that the change from ``old`` to ``new`` adds or alters.
 
@@ -1986,6 +2001,11 @@ def scan_change(path: str, old: bytes | None, new: bytes) -> list[TamperFinding]
     except (ValueError, RecursionError, MemoryError) as error:
         found = f"does not parse ({type(error).__name__})"
         return [*findings, _finding(path, 1, "unparseable_python", found)]
+    if changed is not None and not _touches_statement(tree, sorted(changed)):
+        # Only lines between top-level statements changed (comments, blank lines): every
+        # unit judged below lies inside a top-level statement, so none would be.
+        findings.sort(key=lambda f: (f.line, f.code))
+        return findings
     module = Module()
     module.is_main_script = re.split(r"[/\\]", path)[-1] == "__main__.py"
     module.functions = {
