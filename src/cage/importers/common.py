@@ -598,8 +598,13 @@ class _Importer:
         resume.path = key
         self._advance(resume.offset)
         parser = self.make_parser(path, resume.context)
-        consumed = (resume.offset, resume.line)
+        parse = parser.parse
+        end, line_no = resume.offset, resume.line  # the last line consumed
+        # Bytes read are counted (report and progress) per batch and per file, not per line:
+        # the loop below runs once per line of the whole tree.
+        counted = resume.offset
         window = self.window
+        offer = window.offer if window is not None else None
         out = self.out
         try:
             with open(path, "rb") as handle:
@@ -608,32 +613,38 @@ class _Importer:
                     handle, resume.offset, resume.line
                 ):
                     try:
-                        items = parser.parse(raw, line_no)
+                        items = parse(raw, line_no)
                     except BadLine as exc:
                         report.bad(display, line_no, str(exc))
                         items = ()
                     for dedup_key, rank, fields in items:
-                        if dedup_key is None or window is None:
+                        if dedup_key is None or offer is None:
                             out.append(fields)
                         else:
-                            out.extend(window.offer(dedup_key, rank, fields, start, line_no))
-                    consumed = (end, line_no)
-                    report.bytes_read += end - start
-                    self._advance(end - start)
+                            out.extend(offer(dedup_key, rank, fields, start, line_no))
                     if len(out) >= BATCH_SIZE:
+                        self._count(end - counted)
+                        counted = end
                         held = window.oldest_position() if window else None
-                        self.flush(_checkpoint(resume, held or consumed, parser))
+                        self.flush(_checkpoint(resume, held or (end, line_no), parser))
                         out = self.out
         except OSError as exc:
             report.fail(display, f"cannot read: {exc.strerror or exc}")
+            self._count(end - counted)
             # What was read is still written; this file's saved state stays where it was.
             self._finish_window()
             return
+        self._count(end - counted)
+        consumed = (end, line_no)
         self._finish_window()
         report.skipped += parser.skipped
         if consumed[0] < st.st_size:
             report.pending += 1
         self.done_states.append(_checkpoint(resume, consumed, parser))
+
+    def _count(self, nbytes: int) -> None:
+        self.report.bytes_read += nbytes
+        self._advance(nbytes)
 
     def _advance(self, nbytes: int) -> None:
         if self.progress is not None:
