@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from cage.cli import main
 from cage.importers import claude_code
 
@@ -449,9 +451,16 @@ def test_reimport_after_upgrade_does_not_count_calls_stored_under_old_ids(
     ]
 
 
-def test_lines_read_the_same_whichever_json_parser_is_installed(tmp_path, ledger_db, capsys):
+@pytest.mark.parametrize("with_orjson", [True, False], ids=["orjson-if-installed", "stdlib"])
+def test_lines_read_the_same_whichever_json_parser_is_installed(
+    tmp_path, ledger_db, capsys, monkeypatch, with_orjson
+):
     # orjson (optional) is stricter than the standard library; what it refuses the standard
     # library decides, and a count beyond 64 bits (which parsers read differently) is bad.
+    from cage.importers import common
+
+    if not with_orjson:
+        monkeypatch.setattr(common, "_orjson", None)
     path = project(tmp_path) / "sess-1.jsonl"
     good = claude_line("msg_a", "req_a", input_tokens=5)
     huge = claude_line("msg_b", "req_b").replace(
