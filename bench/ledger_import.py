@@ -52,6 +52,9 @@ _TEXT = (
     "ut labore et dolore magna aliqua refactor the parser and add a test for the edge case"
 )
 WORDS = tuple(_TEXT.split(" "))
+ID_ALPHABET = "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"
+# Bumped when the generated tree changes, so that --keep does not reuse an older one.
+TREE_FORMAT = 2
 
 
 # ---------------------------------------------------------------------------------------------
@@ -139,8 +142,10 @@ def generate_tree(root: Path, lines: int, seed: int = 7) -> dict:
                 clock = f"{8 + second // 3600:02d}:{second // 60 % 60:02d}:{second % 60:02d}"
                 ts = f"2025-10-{day:02d}T{clock}.{rng.randint(0, 999):03d}Z"
                 model = rng.choices(names, weights)[0]
-                msg_id = f"msg_01{responses:020d}"
-                req_id = f"req_011{responses:019d}"
+                # Random, like the API's ids: the ledger's unique index then works as it
+                # does on real transcripts (counters would all land at the end of the index).
+                msg_id = "msg_01" + "".join(rng.choices(ID_ALPHABET, k=22))
+                req_id = "req_011C" + "".join(rng.choices(ID_ALPHABET, k=22))
                 usage = [
                     rng.randint(1, 60),
                     rng.randint(20, 2000),
@@ -196,7 +201,12 @@ def generate_tree(root: Path, lines: int, seed: int = 7) -> dict:
             side.parent.mkdir(parents=True, exist_ok=True)
             side.write_text("".join(side_lines), encoding="utf-8")
             total_bytes += sum(len(s) for s in side_lines)
-    return {"assistant_lines": written, "responses": responses, "bytes": total_bytes}
+    return {
+        "assistant_lines": written,
+        "responses": responses,
+        "bytes": total_bytes,
+        "format": TREE_FORMAT,
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -365,7 +375,10 @@ def main() -> int:
     tree = workdir / "claude"
     try:
         marker = workdir / "generated.json"
-        if marker.exists() and json.loads(marker.read_text())["assistant_lines"] == args.lines:
+        if marker.exists() and (
+            json.loads(marker.read_text()).get("assistant_lines") == args.lines
+            and json.loads(marker.read_text()).get("format") == TREE_FORMAT
+        ):
             info = json.loads(marker.read_text())
             print(
                 f"reusing {tree}: {info['assistant_lines']:,} assistant lines, {mib(info['bytes'])}"
