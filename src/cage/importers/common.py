@@ -24,7 +24,7 @@ import os
 import re
 import sys
 import time
-from collections import OrderedDict
+from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -293,8 +293,10 @@ class DedupWindow:
 
     def __init__(self, size: int = 2048) -> None:
         self.size = size
-        # key -> [rank, payload, first_line_start, first_line_number]
-        self._held: OrderedDict[Any, list] = OrderedDict()
+        # key -> [rank, payload, first_line_start, first_line_number]; keys oldest first in
+        # _order (a plain dict and a deque: cheaper than an OrderedDict on this hot path)
+        self._held: dict[Any, list] = {}
+        self._order: deque = deque()
         self.merged = 0  # copies dropped here because a better or equal copy was held
 
     def offer(self, key: Any, rank: tuple, payload: Any, line_start: int, line_no: int) -> list:
@@ -307,16 +309,17 @@ class DedupWindow:
                 held[1] = payload
             return []
         self._held[key] = [rank, payload, line_start, line_no]
+        self._order.append(key)
         out = []
         while len(self._held) > self.size:
-            _, entry = self._held.popitem(last=False)
-            out.append(entry[1])
+            out.append(self._held.pop(self._order.popleft())[1])
         return out
 
     def drain(self) -> list:
         """Every held payload, oldest first; the window is empty afterwards."""
-        out = [entry[1] for entry in self._held.values()]
+        out = [self._held[key][1] for key in self._order]
         self._held.clear()
+        self._order.clear()
         return out
 
     def oldest_position(self) -> tuple[int, int] | None:
@@ -324,9 +327,10 @@ class DedupWindow:
 
         Saved state must not move past a line whose event is still held here.
         """
-        for entry in self._held.values():
-            return entry[2], entry[3] - 1
-        return None
+        if not self._order:
+            return None
+        entry = self._held[self._order[0]]
+        return entry[2], entry[3] - 1
 
 
 # ---------------------------------------------------------------------------------------------
