@@ -778,3 +778,13 @@ def test_folding_long_concatenations_stays_linear() -> None:
     assert [f.code for f in found] == []  # 400 a's then the name: not the bare variable
     found = scan_change(PATH, None, b"X = 'PYTEST' + '_' + 'ADDOPTS'\n")
     assert [f.code for f in found] == ["detects_test_run"]
+
+
+def test_helpers_calling_each_other_are_judged_once() -> None:
+    """Following local helpers for decoded names stays linear (a file of 60 helpers that
+    all call each other used to take minutes); a chain deeper than the limit fails closed."""
+    helpers = "".join(
+        f"def f{i}():\n" + "".join(f"    f{j}()\n" for j in range(60)) for i in range(60)
+    )
+    source = "import importlib\n" + helpers + "def g():\n    importlib.import_module(f0())\n"
+    assert "dynamic_import" not in [f.code for f in scan_change(PATH, None, source.encode())]

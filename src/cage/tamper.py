@@ -271,6 +271,8 @@ class Module:
     string_parent: dict[int, ast.AST] = field(default_factory=dict)
     # name -> every expression assigned to it anywhere in the file (`name = ...`)
     assigned: dict[str, list[ast.AST]] = field(default_factory=dict)
+    decodes_cache: dict[str, bool] = field(default_factory=dict)  # see _decodes
+    decode_depth: int = 0
     callees: dict[str, list[str]] = field(default_factory=dict)  # local call graph
     bound: dict[str, ast.AST] = field(default_factory=dict)  # `name = other.name` bindings
     _resolving: set[str] = field(default_factory=set)
@@ -1011,21 +1013,22 @@ DECODING_METHODS = frozenset(
 )
 
 
-def _decodes(node: ast.AST, module: Module, depth: int = 0) -> bool:
-    """True when ``node`` builds text by decoding (bytes(...).decode(), chr, base64...),
-    directly or through a function of this file."""
+def _decodes(node: ast.AST, module: Module) -> bool:
+    """True when ``node`` builds text by decoding (bytes(...).decode(), chr, base64...) or
+    reading a file, directly, through a local variable or through a function of this file.
+
+    Each function and variable is judged once (cached), so the cost stays linear however
+    the file's functions call each other.
+    """
     for sub in ast.walk(node):
-        if isinstance(sub, ast.Name) and isinstance(sub.ctx, ast.Load) and depth < 3:
-            # `name = bytes(...).decode()` then `sys.modules[name]`: follow the binding.
-            key = "=" + sub.id
-            if key not in module._resolving:
-                module._resolving.add(key)
-                try:
-                    values = module.assigned.get(sub.id, ())
-                    if any(_decodes(v, module, depth + 1) for v in values):
-                        return True
-                finally:
-                    module._resolving.discard(key)
+        # `name = bytes(...).decode()` then `sys.modules[name]`: follow the binding.
+        if (
+            isinstance(sub, ast.Name)
+            and isinstance(sub.ctx, ast.Load)
+            and sub.id in module.assigned
+            and _cached_decodes(module, "=" + sub.id, module.assigned[sub.id])
+        ):
+            return True
         if not isinstance(sub, ast.Call):
             continue
         inner = module.resolve(sub.func) or ""
@@ -1033,14 +1036,29 @@ def _decodes(node: ast.AST, module: Module, depth: int = 0) -> bool:
         if DECODERS.match(inner) or method in DECODING_METHODS:
             return True
         local = sub.func.id if isinstance(sub.func, ast.Name) else None
-        if local in module.functions and depth < 3 and local not in module._resolving:
-            module._resolving.add(local)
-            try:
-                if _decodes(module.functions[local], module, depth + 1):
-                    return True
-            finally:
-                module._resolving.discard(local)
+        if local in module.functions and _cached_decodes(
+            module, "def " + local, [module.functions[local]]
+        ):
+            return True
     return False
+
+
+MAX_DECODE_DEPTH = 64  # deeper chains of local helpers are judged as decoding (fail closed)
+
+
+def _cached_decodes(module: Module, key: str, nodes: list[ast.AST]) -> bool:
+    cache = module.decodes_cache
+    if key in cache:
+        return cache[key]  # a cycle in progress reads False until it is settled
+    if module.decode_depth >= MAX_DECODE_DEPTH:
+        return True
+    cache[key] = False
+    module.decode_depth += 1
+    try:
+        cache[key] = any(_decodes(n, module) for n in nodes)
+    finally:
+        module.decode_depth -= 1
+    return cache[key]
 
 
 def _m_dynamic_import(node: ast.AST, scope: Scope, module: Module) -> str | None:
