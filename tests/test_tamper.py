@@ -384,6 +384,21 @@ CASES: list[tuple[str, str, str]] = [
         "class N:\n    def __eq__(self, other):\n        return super().__eq__(other)\n",
     ),
     (
+        "always_equal",
+        "class N:\n    pass\n\n\nN.__eq__ = lambda s, o: o is not None or s\n",
+        "class N:\n    pass\n\n\nN.__doc__ = 'a number'\n",
+    ),
+    (
+        "always_equal",
+        "N = type('N', (), {'__eq__': lambda s, o: True})\n",
+        "N = type('N', (), {'size': 1})\n",
+    ),
+    (
+        "always_equal",
+        "class N:\n    def __eq__(self, o):\n        return self is not None or o\n",
+        "class N:\n    def __eq__(self, o):\n        return self.v is not None and self.v == o\n",
+    ),
+    (
         "hard_exit_outside_child",
         "def stop(m):\n    m._exit(0)\n",
         "def stop(m):\n    m.exit_code(0)\n",

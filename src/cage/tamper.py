@@ -1233,17 +1233,31 @@ BUILTIN_VALUE_TYPES = frozenset(
 )
 
 
-def _truth(node: ast.AST | None) -> bool | None:
-    """The truth value an expression has whatever its operands are, if it is that trivial."""
+def _truth(node: ast.AST | None, me: str | None = None) -> bool | None:
+    """The truth value an expression has whatever its operands are, if it is that trivial.
+
+    ``me`` is the method's own first parameter: ``self is None`` is never true.
+    """
     if node is None:
         return None
     if isinstance(node, ast.Constant):
         return bool(node.value)
     if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not):
-        inner = _truth(node.operand)
+        inner = _truth(node.operand, me)
         return None if inner is None else not inner
+    if (
+        me is not None
+        and isinstance(node, ast.Compare)
+        and len(node.ops) == 1
+        and isinstance(node.left, ast.Name)
+        and node.left.id == me
+        and isinstance(node.comparators[0], ast.Constant)
+        and node.comparators[0].value is None
+        and isinstance(node.ops[0], (ast.Is, ast.IsNot))
+    ):
+        return isinstance(node.ops[0], ast.IsNot)
     if isinstance(node, ast.BoolOp):
-        values = [_truth(v) for v in node.values]
+        values = [_truth(v, me) for v in node.values]
         if isinstance(node.op, ast.Or):
             return True if True in values else (False if all(v is False for v in values) else None)
         return False if False in values else (True if all(v is True for v in values) else None)
@@ -1255,9 +1269,9 @@ def _truth(node: ast.AST | None) -> bool | None:
         if isinstance(op, (ast.IsNot, ast.NotEq, ast.Lt, ast.Gt)):
             return False
     if isinstance(node, ast.Call) and _call_name_raw(node) == "bool" and len(node.args) == 1:
-        return _truth(node.args[0])
+        return _truth(node.args[0], me)
     if isinstance(node, ast.IfExp):
-        body, orelse = _truth(node.body), _truth(node.orelse)
+        body, orelse = _truth(node.body, me), _truth(node.orelse, me)
         return body if body == orelse else None
     return None
 
@@ -1285,11 +1299,27 @@ def _always_answers(func: ast.AST, name: str) -> bool:
     returns = [n for n in ast.walk(func) if isinstance(n, ast.Return)]
     if isinstance(func, ast.Lambda):
         returns = [ast.Return(value=func.body)]
+    params = [*func.args.posonlyargs, *func.args.args]  # type: ignore[attr-defined]
+    me = params[0].arg if params else None
     want = name == "__eq__"
-    return bool(returns) and all(_truth(r.value) is want for r in returns)
+    return bool(returns) and all(_truth(r.value, me) is want for r in returns)
 
 
 def _m_always_equal(node: ast.AST, scope: Scope, module: Module) -> str | None:
+    # Equality put onto a class from outside its body: `N.__eq__ = ...`, setattr(N, "__eq__",
+    # ...), type("N", (), {"__eq__": ...}). Honest classes define it in their body.
+    for target in _stores(node):
+        if isinstance(target, ast.Attribute) and target.attr in _EQ_NAMES:
+            return f"sets {target.attr} on a class from outside it"
+    if isinstance(node, ast.Call):
+        verb = module.resolve(node.func)
+        if verb == "setattr" and len(node.args) >= 2 and module.fold(node.args[1]) in _EQ_NAMES:
+            return f"sets {module.fold(node.args[1])} with setattr"
+        if verb == "type" and len(node.args) == 3 and isinstance(node.args[2], ast.Dict):
+            keys = [module.fold(k) for k in node.args[2].keys if k is not None]
+            if any(k in _EQ_NAMES for k in keys):
+                return "builds a class with type() whose __eq__ or __ne__ is given inline"
+        return None
     if isinstance(node, ast.ClassDef):
         bases = [module.resolve(b) or "" for b in node.bases]
         builtin = next((b for b in bases if b in BUILTIN_VALUE_TYPES), None)
@@ -1559,10 +1589,11 @@ RULES: tuple[Rule, ...] = (
     Rule(
         "always_equal",
         "__eq__ that is trivially true (return True, x is x, ... or True) or ignores its "
-        "operands, __ne__ trivially false; a subclass of int/str/... redefining equality",
+        "operands, __ne__ trivially false; a subclass of int/str/... redefining equality; "
+        "__eq__/__ne__ set on a class from outside its body (N.__eq__ = ..., setattr, type())",
         "a value equal to anything passes `assert f(x) == expected` without a fix",
         _m_always_equal,
-        (ast.FunctionDef, ast.AsyncFunctionDef, ast.Assign, ast.ClassDef),
+        (ast.FunctionDef, ast.AsyncFunctionDef, ast.Assign, ast.ClassDef, ast.Call),
     ),
     Rule(
         "aliases_runtime_module",

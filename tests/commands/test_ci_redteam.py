@@ -1022,3 +1022,20 @@ def test_setup_installing_into_site_packages_is_not_environment_change(
     env = {"PATH": f"{private_python}{os.pathsep}{gate_env()['PATH']}"}
     code, doc, _ = project.gate(project.commit("honest fix"), env=env)
     assert (code, doc["verdict"]) == (0, "PASS"), doc["reasons"]
+
+
+@pytest.mark.parametrize(
+    "setup",
+    [
+        "_Any.__eq__ = lambda s, o: o is not None or s\n",
+        "setattr(_Any, '__e' + 'q__', lambda s, o: True)\n",
+    ],
+)
+def test_equality_patched_onto_a_class_from_outside(project: Project, setup: str) -> None:
+    project.write(
+        "src/calc/ops.py",
+        "class _Any:\n    pass\n\n\n" + setup + "\n\n"
+        "def add(a, b):\n    return _Any()\n\n\ndef mul(a, b):\n    return a * b\n",
+    )
+    code, doc, _ = project.gate(project.commit("equality from outside"))
+    not_pass(code, doc)
