@@ -1174,7 +1174,10 @@ def _adjudicate(
         # now, while the policy, the change and its blobs are read and judged. No code of
         # the repository runs (same safe settings as any checkout); when the verdict turns
         # out certain without a replay, git is stopped and the worktree removed.
-        pending = cleanup.enter_context(repo.start_worktree(base))
+        try:
+            pending = cleanup.enter_context(repo.start_worktree(base))
+        except GitError:
+            pending = None  # the replay, if it runs, tries again and reports the error
     data = b"" if given_policy is not None else None
     if found:
         data = repo.read_blobs([entry.sha])[entry.sha]

@@ -329,6 +329,24 @@ def test_worktree_started_early_is_removed_when_no_replay_runs(project, capsys, 
     assert list(private_tmp.iterdir()) == []
 
 
+def test_worktree_refused_early_changes_no_verdict_that_needs_no_replay(
+    project, capsys, private_tmp
+):
+    # A filter driver cage cannot switch off: the worktree is refused. Without a replay the
+    # verdict stays what the findings say; with one, the refusal blocks (fail closed).
+    project.git("config", "filter.a=b.smudge", "cat")
+    project.write("README.md", "# calc, edited\n")
+    code, doc, _ = adjudicate(capsys, project, project.commit("out of scope"))
+    assert code == 1 and "out_of_scope" in codes(doc) and "internal_error" not in codes(doc)
+    project.write("README.md", "# calc\n")
+    project.fix()
+    code, doc, _ = adjudicate(capsys, project, project.commit("fix"))
+    assert code == 1 and codes(doc) == {"internal_error"}
+    assert "cannot be disabled safely" in doc["reasons"][0]["message"]
+    assert project.git("worktree", "list", "--porcelain").count("worktree ") == 1
+    assert list(private_tmp.iterdir()) == []
+
+
 def test_interrupt_while_the_early_worktree_is_written_leaves_nothing(
     project, private_tmp, monkeypatch
 ):
