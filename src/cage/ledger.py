@@ -394,13 +394,20 @@ MIGRATIONS = (*MIGRATIONS, (_migrate_to_v4,))
 SCHEMA_VERSION = len(MIGRATIONS)
 
 _COLUMNS = (*_EVENT_FIELDS, "rid")
-_INSERT = (
-    "INSERT OR IGNORE INTO events ("
-    + ", ".join(_COLUMNS)
-    + ") VALUES ("
-    + ", ".join("?" * len(_COLUMNS))
-    + ")"
+_SHORT_COLUMNS = tuple(
+    c for c in _COLUMNS if c not in ("role", "caller", "mission_id", "duration_s", "error_class")
 )
+
+
+def _insert_sql(columns: Sequence[str]) -> str:
+    return (
+        f"INSERT OR IGNORE INTO events ({', '.join(columns)}) "
+        f"VALUES ({', '.join('?' * len(columns))})"
+    )
+
+
+_INSERT = _insert_sql(_COLUMNS)
+_INSERT_SHORT = _insert_sql(_SHORT_COLUMNS)
 
 
 def _rollup_add_sql(table: str, dims: Sequence[str]) -> str:
@@ -426,30 +433,34 @@ class RowBatch:
     it pickles as plain lists and dicts), written in one transaction by
     :meth:`Ledger.add_batch`. When every row of it is new, the rollups get one upsert per
     (day, provider, model, caller, mission, truth) group instead of a pass over the rows.
+    Rows without role, caller, mission, duration and error (every imported call) are kept
+    apart and inserted without those five NULLs: binding parameters is a good part of an
+    insert's cost.
     """
 
-    __slots__ = ("_extras", "rows", "sums")
+    __slots__ = ("_extras", "rows", "short", "sums")
 
     def __init__(self) -> None:
-        self.rows: list[tuple] = []
+        self.rows: list[tuple] = []  # _COLUMNS
+        self.short: list[tuple] = []  # _SHORT_COLUMNS
         # (day, provider, model, caller or '', mission_id or '', truth) -> the _SUMS
         self.sums: dict[tuple, list] = {}
         # extra items -> its JSON: a transcript repeats the same few (session, project, ...)
         self._extras: dict[tuple, str] = {}
 
     def __len__(self) -> int:
-        return len(self.rows)
+        return len(self.rows) + len(self.short)
 
     def __getstate__(self) -> tuple:
-        return self.rows, self.sums
+        return self.rows, self.short, self.sums
 
     def __setstate__(self, state: tuple) -> None:
-        self.rows, self.sums = state
+        self.rows, self.short, self.sums = state
         self._extras = {}
 
     def add_event(self, event: Event) -> None:
         """Add one Event, validated (:class:`LedgerError` names what is wrong)."""
-        self._add(_event_row(event))
+        self._add(*_event_row(event))
 
     def add_fields(self, fields: Mapping[str, Any]) -> None:
         """Add one event given as a dict of :class:`Event` fields already validated, unchecked.
@@ -473,41 +484,103 @@ class RowBatch:
         else:
             extra_json = "{}"
         self._add(
-            (
-                fields["timestamp"][:19] + "Z",
-                fields["provider"],
-                fields["model"],
-                get("input_tokens", 0),
-                get("output_tokens", 0),
-                get("cache_read_tokens", 0),
-                get("cache_write_tokens", 0),
-                get("cost_usd"),
-                get("truth", "estimated"),
-                get("role") or None,
-                get("caller") or None,
-                get("mission_id") or None,
-                get("duration_s"),
-                get("error_class") or None,
-                get("request_id") or None,
-                get("source"),
-                extra_json,
-            )
+            fields["timestamp"][:19] + "Z",
+            fields["provider"],
+            fields["model"],
+            get("input_tokens", 0),
+            get("output_tokens", 0),
+            get("cache_read_tokens", 0),
+            get("cache_write_tokens", 0),
+            get("cost_usd"),
+            get("truth", "estimated"),
+            get("role") or None,
+            get("caller") or None,
+            get("mission_id") or None,
+            get("duration_s"),
+            get("error_class") or None,
+            get("request_id") or None,
+            get("source"),
+            extra_json,
         )
 
-    def _add(self, row: tuple) -> None:
-        request_id = row[14]
-        self.rows.append((*row, None if request_id is None else request_key(request_id)))
-        cost = row[7]
-        key = (row[0][:10], row[1], row[2], row[10] or "", row[11] or "", row[8])
+    def _add(
+        self,
+        timestamp: str,
+        provider: str,
+        model: str,
+        inp: int,
+        out: int,
+        cache_read: int,
+        cache_write: int,
+        cost: float | None,
+        truth: str,
+        role: str | None,
+        caller: str | None,
+        mission_id: str | None,
+        duration_s: float | None,
+        error_class: str | None,
+        request_id: str | None,
+        source: str | None,
+        extra_json: str,
+    ) -> None:
+        rid = None if request_id is None else request_key(request_id)
+        if (
+            role is None
+            and caller is None
+            and mission_id is None
+            and duration_s is None
+            and error_class is None
+        ):
+            self.short.append(
+                (
+                    timestamp,
+                    provider,
+                    model,
+                    inp,
+                    out,
+                    cache_read,
+                    cache_write,
+                    cost,
+                    truth,
+                    request_id,
+                    source,
+                    extra_json,
+                    rid,
+                )
+            )
+        else:
+            self.rows.append(
+                (
+                    timestamp,
+                    provider,
+                    model,
+                    inp,
+                    out,
+                    cache_read,
+                    cache_write,
+                    cost,
+                    truth,
+                    role,
+                    caller,
+                    mission_id,
+                    duration_s,
+                    error_class,
+                    request_id,
+                    source,
+                    extra_json,
+                    rid,
+                )
+            )
+        key = (timestamp[:10], provider, model, caller or "", mission_id or "", truth)
         sums = self.sums.get(key)
         if sums is None:
-            self.sums[key] = [1, row[3], row[4], row[5], row[6], cost or 0.0, int(cost is None)]
+            self.sums[key] = [1, inp, out, cache_read, cache_write, cost or 0.0, int(cost is None)]
         else:
             sums[0] += 1
-            sums[1] += row[3]
-            sums[2] += row[4]
-            sums[3] += row[5]
-            sums[4] += row[6]
+            sums[1] += inp
+            sums[2] += out
+            sums[3] += cache_read
+            sums[4] += cache_write
             if cost is None:
                 sums[6] += 1
             else:
@@ -934,22 +1007,25 @@ class SQLiteLedger(Ledger):
 
     def add_batch(self, batch: RowBatch) -> tuple[int, int]:
         """Record a :class:`RowBatch` in one transaction; returns (inserted, duplicates)."""
-        if not batch.rows:
+        if not len(batch):
             return 0, 0
         try:
             new = self._write(lambda: self._insert(batch))
         except sqlite3.Error as exc:
             raise LedgerError(f"cannot write to the ledger {self.path}: {exc}") from None
-        return new, len(batch.rows) - new
+        return new, len(batch) - new
 
     def _insert(self, batch: RowBatch) -> int:
         db = self._db
         # We hold the write lock, so rows inserted now get ids above the current maximum.
         before = db.execute("SELECT ifnull(max(id), 0) FROM events").fetchone()[0]
         changes = db.total_changes
-        db.executemany(_INSERT, batch.rows)
+        if batch.short:
+            db.executemany(_INSERT_SHORT, batch.short)
+        if batch.rows:
+            db.executemany(_INSERT, batch.rows)
         new = db.total_changes - changes
-        if new == len(batch.rows):
+        if new == len(batch):
             # Every row is new (the common case): add the sums made in Python, one upsert
             # per group and rollup.
             for table, dims in ROLLUPS.items():
