@@ -78,3 +78,15 @@ def test_progress_only_on_a_terminal_and_cleared_at_the_end():
     progress.finish()
     assert "\rimporting:  50.0%" in tty.getvalue()
     assert tty.getvalue().endswith("\r\033[K")
+
+
+def test_state_store_keeps_a_non_utf8_file_name(tmp_path):
+    # A file name that is not UTF-8 arrives surrogate-escaped; SQLite text cannot hold it.
+    name = "/data/bad" + b"\xff".decode("utf-8", "surrogateescape") + ".jsonl"
+    store = StateStore(tmp_path / "ledger.db")
+    store.put_many("jsonl", [FileState(name, 1, 10, 2.5, 10, 2, {})])
+    store.close()
+    again = StateStore(tmp_path / "ledger.db")
+    assert again.get("jsonl", name).offset == 10
+    assert again.get("jsonl", "/data/bad.jsonl") is None
+    again.close()

@@ -366,6 +366,17 @@ CREATE TABLE IF NOT EXISTS import_state (
 """
 
 
+def _storable_path(path: str) -> str:
+    """``path`` as SQLite text: a file name that is not UTF-8 (surrogate-escaped by Python)
+    cannot be stored as is, so it is kept as the hex of its bytes behind a prefix that no
+    resolved (absolute) path can start with."""
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        return "fsbytes:" + os.fsencode(path).hex()
+    return path
+
+
 class StateStore:
     """Per-file import state in the ``import_state`` table of the ledger's SQLite file.
 
@@ -397,7 +408,7 @@ class StateStore:
         row = self._conn.execute(
             "SELECT inode, size, mtime, offset, line, context FROM import_state "
             "WHERE source = ? AND path = ?",
-            (source, path),
+            (source, _storable_path(path)),
         ).fetchone()
         if row is None:
             return None
@@ -417,7 +428,7 @@ class StateStore:
         rows = [
             (
                 source,
-                state.path,
+                _storable_path(state.path),
                 state.inode,
                 state.size,
                 state.mtime,
