@@ -761,3 +761,15 @@ def test_top_level_list_after_comments_points_at_the_list(tmp_path):
 def test_missing_top_level_key_points_at_the_first_key(tmp_path):
     problem = one_problem(tmp_path, "# header\n" + MINIMAL.replace("version: v1\n", ""))
     assert problem == f"{tmp_path / 'mission.yaml'}:2:1: version is required (write `version: v1`)"
+
+
+def test_a_fifo_or_device_as_the_policy_file_never_hangs(tmp_path):
+    # A FIFO nobody writes to once blocked open() forever; now it reads as empty.
+    import os
+
+    fifo = tmp_path / "mission.yaml"
+    os.mkfifo(fifo)
+    with pytest.raises(PolicyError, match=r"mission\.yaml: the policy is empty"):
+        load_policy_file(fifo)
+    with pytest.raises(PolicyError, match="/dev/null: not a regular file"):
+        load_policy_file("/dev/null")

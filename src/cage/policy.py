@@ -26,6 +26,7 @@ import hashlib
 import json
 import math
 import os
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -152,7 +153,20 @@ def load_policy_file(path: str | os.PathLike) -> Policy:
     """Read a policy file and load it; errors name ``path`` as given."""
     source = os.fspath(path)
     try:
-        with open(path, "rb") as handle:
+        # O_NONBLOCK: opening a FIFO must not wait for a writer; fstat then refuses it.
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        with open(fd, "rb") as handle:
+            mode = os.fstat(fd).st_mode
+            if stat.S_ISDIR(mode):
+                raise IsADirectoryError
+            if stat.S_ISFIFO(mode):
+                # A pipe with a writer (`<(...)`) is read to its end; one without ends at once.
+                os.set_blocking(fd, True)
+            elif not stat.S_ISREG(mode):
+                raise PolicyError(
+                    f"{source}: not a regular file (a socket or device); "
+                    "give the path of the policy YAML file"
+                )
             # Read one byte past the limit: enough to know it is too big, never more.
             data = handle.read(MAX_POLICY_BYTES + 1)
     except FileNotFoundError:
