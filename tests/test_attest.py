@@ -400,3 +400,15 @@ def test_proxy_refuses_a_short_key(tmp_path):
     proxy = pytest.importorskip("cage.proxy")
     with pytest.raises(UsageError, match="at least 16"):
         proxy.start_proxy_in_thread(mission_id="m", budget_usd=1.0, mock=True, attest_key=b"short")
+
+
+def test_an_attest_key_fifo_without_a_writer_is_refused_not_waited_for(tmp_path):
+    # open() on a FIFO nobody writes to blocked `cage ci` forever.
+    import os
+
+    fifo = tmp_path / "key"
+    os.mkfifo(fifo)
+    with pytest.raises(UsageError, match="is empty"):
+        attest.load_key(fifo, env={})
+    with pytest.raises(UsageError, match="Is a directory"):
+        attest.load_key(tmp_path, env={})

@@ -118,7 +118,11 @@ def load_key(
     """
     if key_file is not None:
         try:
-            with open(key_file, "rb") as fh:
+            # O_NONBLOCK: a FIFO nobody writes to must not block open() forever; a pipe with
+            # a writer (`<(...)`) is then read blocking to its end, one without reads empty.
+            fd = os.open(key_file, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+            with open(fd, "rb") as fh:
+                os.set_blocking(fd, True)
                 raw = fh.read(64 * 1024)
         except OSError as exc:
             raise UsageError(
