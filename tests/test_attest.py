@@ -412,3 +412,12 @@ def test_an_attest_key_fifo_without_a_writer_is_refused_not_waited_for(tmp_path)
         attest.load_key(fifo, env={})
     with pytest.raises(UsageError, match="Is a directory"):
         attest.load_key(tmp_path, env={})
+
+
+def test_a_spend_evidence_fifo_without_a_writer_is_unreadable_not_waited_for(tmp_path):
+    import os
+
+    fifo = tmp_path / "evidence.json"
+    os.mkfifo(fifo)
+    [evidence] = attest.gather(None, [], evidence_path=str(fifo))
+    assert evidence.statement is None and "not valid JSON" in evidence.problem

@@ -94,6 +94,18 @@ def key_id(key: bytes) -> str:
     return hashlib.sha256(key).hexdigest()[:8]
 
 
+def _read_no_wait(path: str | os.PathLike[str], limit: int) -> bytes:
+    """Up to ``limit`` bytes of ``path``; a FIFO with no writer reads empty instead of hanging.
+
+    O_NONBLOCK keeps open() from waiting for a writer; the read is then blocking, so a pipe
+    with a writer (`<(...)`) is read to its end. OSError as open() raises it.
+    """
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    with open(fd, "rb") as fh:
+        os.set_blocking(fd, True)
+        return fh.read(limit)
+
+
 def check_key(key: bytes, where: str) -> bytes:
     """``key`` when it is long enough; UsageError naming ``where`` (never the key) if not."""
     if len(key) < MIN_KEY_BYTES:
@@ -118,12 +130,7 @@ def load_key(
     """
     if key_file is not None:
         try:
-            # O_NONBLOCK: a FIFO nobody writes to must not block open() forever; a pipe with
-            # a writer (`<(...)`) is then read blocking to its end, one without reads empty.
-            fd = os.open(key_file, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-            with open(fd, "rb") as fh:
-                os.set_blocking(fd, True)
-                raw = fh.read(64 * 1024)
+            raw = _read_no_wait(key_file, 64 * 1024)
         except OSError as exc:
             raise UsageError(
                 f"cannot read the attest key file {os.fspath(key_file)}: "
@@ -566,8 +573,7 @@ def gather(
         data: bytes | None = None
         error = None
         try:
-            with open(evidence_path, "rb") as fh:
-                data = fh.read(MAX_EVIDENCE_BYTES + 1)
+            data = _read_no_wait(evidence_path, MAX_EVIDENCE_BYTES + 1)
         except OSError as exc:
             error = f"cannot read --spend-evidence {evidence_path}: {exc.strerror or exc}"
         out.extend(evidence_from_file(evidence_path, data, error))
