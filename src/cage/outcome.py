@@ -210,6 +210,9 @@ def read_receipt(path: str | os.PathLike[str]) -> dict[str, Any]:
     unreadable or malformed."""
     target = Path(path)
     try:
+        if target.exists() and not target.is_file() and not target.is_dir():
+            # A FIFO would block read_bytes() forever; a receipt is always a regular file.
+            raise ReceiptError(f"{target}: not a regular file; a receipt is a JSON file")
         data = target.read_bytes()
     except FileNotFoundError:
         raise ReceiptError(f"{target}: no such receipt") from None
@@ -230,16 +233,34 @@ def load_receipts(root: str | os.PathLike[str]) -> list[tuple[Path, dict[str, An
     """Every receipt in the working tree as (path, receipt), oldest first (by
     ``started_at``, then id). A malformed receipt, or one whose id is not its folder's
     name, raises ReceiptError naming its file."""
+    found, problems = scan_receipts(root)
+    if problems:
+        raise ReceiptError(problems[0])
+    return found
+
+
+def scan_receipts(
+    root: str | os.PathLike[str],
+) -> tuple[list[tuple[Path, dict[str, Any]]], list[str]]:
+    """Like ``load_receipts``, but a malformed receipt does not hide the others: returns
+    (readable receipts oldest first, one message per unreadable receipt naming its file)."""
     found = []
+    problems = []
     for path in receipt_files(root):
-        receipt = read_receipt(path)
+        try:
+            receipt = read_receipt(path)
+        except ReceiptError as exc:
+            problems.append(exc.message)
+            continue
         if receipt["id"] != path.parent.name:
-            raise ReceiptError(
+            problems.append(
                 f"{path}: the receipt's id {receipt['id']!r} is not its folder's name "
                 f"{path.parent.name!r}; it was moved or edited"
             )
+            continue
         found.append((path, receipt))
-    return sorted(found, key=lambda item: (item[1]["started_at"], item[1]["id"]))
+    found.sort(key=lambda item: (item[1]["started_at"], item[1]["id"]))
+    return found, problems
 
 
 def find_receipt(
@@ -248,7 +269,9 @@ def find_receipt(
     """(path, receipt) of mission ``which``, or of the most recently started one for
     ``latest``; ReceiptError when there is none."""
     if which == "latest":
-        receipts = load_receipts(root)
+        # Unreadable receipts are the caller's to report (scan_receipts): the latest readable
+        # one is still shown.
+        receipts, _problems = scan_receipts(root)
         if not receipts:
             raise ReceiptError(
                 f"no receipts in {Path(root) / OUTCOMES_DIR}: run `cage mission run -- <agent>` "

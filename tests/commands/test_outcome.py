@@ -89,3 +89,24 @@ def test_unknown_id_and_no_receipts(git_repo, capsys):
     assert main(["outcome", "list", "--repo", str(git_repo.path)]) == 0
     assert "no mission receipts yet" in capsys.readouterr().out
     assert main(["outcome"]) == 2
+
+
+def test_a_corrupt_or_fifo_receipt_does_not_hide_the_others(repo, capsys):
+    import os
+
+    bad = repo.path / ".runcap/outcomes/m9/receipt.json"
+    bad.parent.mkdir()
+    bad.write_text("")
+    fifo = repo.path / ".runcap/outcomes/m8/receipt.json"
+    fifo.parent.mkdir()
+    os.mkfifo(fifo)
+    assert main(["outcome", "list", "--repo", str(repo.path), "--json"]) == 1
+    captured = capsys.readouterr()
+    doc = json.loads(captured.out)
+    assert [o["id"] for o in doc["outcomes"]] == ["m1", "m2", "m3"]
+    assert str(bad) in doc["unreadable"][0] and str(bad) in captured.err
+    # The good receipts stay readable one by one; the FIFO is refused, never waited on.
+    assert main(["outcome", "show", "m2", "--repo", str(repo.path)]) == 1
+    assert capsys.readouterr().out.startswith("mission m2: BLOCKED")
+    assert main(["outcome", "show", "m8", "--repo", str(repo.path)]) == 1
+    assert "m8/receipt.json: not a regular file" in capsys.readouterr().err

@@ -51,19 +51,25 @@ def run(args: argparse.Namespace) -> int:
     from cage import gitio, outcome
 
     root = gitio.Repo(args.repo).root
-    found = outcome.load_receipts(root)
+    # One corrupt receipt must not hide the others: each is named on stderr, the rest shown,
+    # and the exit code says the Verified Outcome Cost left some out.
+    found, problems = outcome.scan_receipts(root)
+    for problem in problems:
+        print(f"cage: skipped an unreadable receipt: {problem}", file=sys.stderr)
+    status = 1 if problems else 0
     receipts = [receipt for _path, receipt in found]
     voc = outcome.verified_outcome_cost(receipts)
     if command == "show":
         path, receipt = outcome.find_receipt(root, args.which)
         if args.json:
             doc = {"receipt_path": str(path), "receipt": receipt, "voc": voc}
+            doc["unreadable"] = problems
             sys.stdout.write(json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
         else:
             lines = outcome.show_lines(receipt, voc)
             lines.append(f"receipt: {path}")
             sys.stdout.write("\n".join(lines) + "\n")
-        return 0
+        return status
     if args.json:
         doc = {
             "outcomes": [
@@ -80,8 +86,9 @@ def run(args: argparse.Namespace) -> int:
                 for path, r in found
             ],
             "voc": voc,
+            "unreadable": problems,
         }
         sys.stdout.write(json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
     else:
         sys.stdout.write("\n".join(outcome.list_lines(receipts, voc)) + "\n")
-    return 0
+    return status
