@@ -208,3 +208,10 @@ def test_show_lines_label_spend_by_model_with_truth():
 def write(root: Path, r: dict[str, Any]) -> Path:
     """Helper for other test modules: write ``r`` where `cage mission run` would."""
     return outcome.write_receipt(outcome.receipt_path(root, r["id"]), r)
+
+
+def test_a_huge_mission_id_is_refused_without_echoing_all_of_it():
+    with pytest.raises(ReceiptError) as caught:
+        outcome.check_mission_id("9" * 5000)
+    assert "(5000 characters)" in caught.value.message
+    assert len(caught.value.message) < 300

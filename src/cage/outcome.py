@@ -39,8 +39,12 @@ MISSION_ID_RE = re.compile(r"\A[A-Za-z0-9._-]{1,64}\Z")
 def check_mission_id(mission_id: str) -> str:
     """Return ``mission_id`` when it is a valid id; ReceiptError saying why otherwise."""
     if not MISSION_ID_RE.match(mission_id or "") or ".." in mission_id or mission_id[0] in ".-":
+        # Echo a long id in part: a 5000-character id must not flood the terminal.
+        shown = repr(mission_id)
+        if len(mission_id) > 80:
+            shown = f"{mission_id[:40]!r}... ({len(mission_id)} characters)"
         raise ReceiptError(
-            f"mission id {mission_id!r} is not valid: use 1 to 64 characters from "
+            f"mission id {shown} is not valid: use 1 to 64 characters from "
             "A-Z a-z 0-9 . _ -, not starting with '.' or '-', without '..'"
         )
     if mission_id.endswith(".lock"):  # git refuses ref names ending in .lock
