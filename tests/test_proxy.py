@@ -854,3 +854,19 @@ def test_a_call_metered_by_the_proxy_and_imported_from_its_transcript_counts_onc
         (row,) = ledger.report("model")
     assert (event.source, event.request_id) == ("proxy", "anthropic:req_011CrossSource")
     assert (row["calls"], row["input_tokens"], row["cache_read_tokens"]) == (1, 12, 100)
+
+
+@pytest.mark.parametrize(
+    "flag, value",
+    [
+        ("--budget-usd", "nan"),  # NaN compares false: the cap would never stop a call
+        ("--budget-usd", "inf"),
+        ("--warn-at-usd", "nan"),
+        ("--warn-at-tokens", "-3"),
+    ],
+)
+def test_cli_refuses_a_cap_or_warning_that_could_never_fire(flag, value, capsys):
+    from cage.cli import main
+
+    assert main(["proxy", "--mock", "--port", "0", flag, value]) == 2
+    assert flag in capsys.readouterr().err

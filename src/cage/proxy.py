@@ -830,7 +830,7 @@ class MeteringProxy:
             await self.stop()
             raise ProxyError(
                 f"cannot listen on {self.config.host}:{self.config.port}: {exc.strerror or exc}; "
-                "choose another --port (0 picks a free one)"
+                "check --host, or choose another --port (0 picks a free one)"
             ) from None
         self.url = _site_url(site, self.config.host)
         return self.url

@@ -67,8 +67,14 @@ def run(args: argparse.Namespace) -> int:
         raise ProxyError(
             "`cage proxy` needs aiohttp, an optional dependency: pip install 'cage-gate[proxy]'"
         ) from None
-    if args.budget_usd is not None and args.budget_usd <= 0:
-        raise UsageError(f"--budget-usd must be a number > 0, not {args.budget_usd:g}")
+    # "not 0 < x < inf" also refuses NaN, which compares false with everything: a NaN cap
+    # would never stop a call.
+    if args.budget_usd is not None and not 0 < args.budget_usd < float("inf"):
+        raise UsageError(f"--budget-usd must be a finite number > 0, not {args.budget_usd:g}")
+    if args.warn_at_usd is not None and not 0 < args.warn_at_usd < float("inf"):
+        raise UsageError(f"--warn-at-usd must be a finite number > 0, not {args.warn_at_usd:g}")
+    if args.warn_at_tokens is not None and args.warn_at_tokens <= 0:
+        raise UsageError(f"--warn-at-tokens must be > 0, not {args.warn_at_tokens}")
     if args.max_calls is not None and args.max_calls < 0:
         raise UsageError(f"--max-calls must be >= 0, not {args.max_calls}")
     if not 0 <= args.port <= 65535:
