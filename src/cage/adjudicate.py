@@ -17,10 +17,11 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -1063,6 +1064,30 @@ def _side_dict(side: Any) -> dict[str, Any] | None:
     return {"setup": _command_dict(side.setup), "command": _command_dict(side.command)}
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM (a cancelled job) and SIGHUP (a closed terminal) raise KeyboardInterrupt, as
+    Ctrl-C does, while the pipeline runs: git writes the base worktree in its own process
+    group from the start, so only cage's own cleanup can stop it and remove the worktree.
+    Handlers set by someone else stay; outside the main thread nothing changes."""
+    replaced: dict[int, Any] = {}
+    try:
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            if signal.getsignal(sig) is signal.SIG_DFL:
+                replaced[sig] = signal.signal(sig, _interrupt)
+    except ValueError:  # not the main thread: signal handlers cannot be set here
+        pass
+    try:
+        yield
+    finally:
+        for sig, previous in replaced.items():
+            signal.signal(sig, previous)
+
+
 def _say(progress: Callable[[str], None] | None, message: str) -> None:
     if progress is not None:
         progress(message)
@@ -1098,7 +1123,7 @@ def adjudicate(
     try:
         # The base worktree is started early (see _adjudicate); whatever happens, it is
         # removed and unregistered when this block ends.
-        with contextlib.ExitStack() as cleanup:
+        with _terminate_as_interrupt(), contextlib.ExitStack() as cleanup:
             verdict = _adjudicate(
                 repo_path,
                 base_rev,

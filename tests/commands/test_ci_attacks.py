@@ -7,7 +7,9 @@ Also the replay's hygiene: timeouts, leftover processes, worktrees, tokens.
 from __future__ import annotations
 
 import json
+import os
 import shlex
+import signal
 import subprocess
 import sys
 import tempfile
@@ -345,6 +347,39 @@ def test_worktree_refused_early_changes_no_verdict_that_needs_no_replay(
     assert "cannot be disabled safely" in doc["reasons"][0]["message"]
     assert project.git("worktree", "list", "--porcelain").count("worktree ") == 1
     assert list(private_tmp.iterdir()) == []
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.3])
+def test_sigterm_while_the_early_worktree_is_written_leaves_nothing(project, tmp_path, delay):
+    # git writes the base worktree in its own process group: a cancelled job (SIGTERM to
+    # cage) must still stop it and remove the worktree, as Ctrl-C does.
+    for i in range(2000):
+        project.write(f"data/d{i % 20}/f{i}.txt", f"{i}\n")
+    project.set_policy(command="sleep 30")
+    project.fix()
+    head = project.commit("fix")
+    tmp = tmp_path / "private-tmp"
+    tmp.mkdir()
+    cmd = [sys.executable, "-m", "cage", "ci", "--mode", "adjudicate", "--json"]
+    cmd += ["--repo", str(project.path), "--base", project.base, "--head", head]
+    proc = subprocess.Popen(
+        cmd,
+        env={**os.environ, "TMPDIR": str(tmp)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while not list(tmp.glob("cage-wt-*")) and time.monotonic() < deadline:
+            time.sleep(0.002)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=20)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert project.git("worktree", "list", "--porcelain").count("worktree ") == 1
+    assert list(tmp.iterdir()) == []
 
 
 def test_interrupt_while_the_early_worktree_is_written_leaves_nothing(
