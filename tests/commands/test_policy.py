@@ -308,3 +308,20 @@ def test_every_starter_passes_check(tmp_path, marker, capsys):
     capsys.readouterr()
     assert main(["policy", "check", "--repo", str(tmp_path)]) == 0
     assert capsys.readouterr().out.startswith("ok ")
+
+
+def test_init_in_a_folder_whose_name_is_not_utf8(tmp_path):
+    # The project name and a package folder come from file names, which need not be UTF-8.
+    import os
+
+    bad = os.fsdecode(b"proj\xff")
+    root = tmp_path / bad
+    root.mkdir()
+    (root / "setup.py").write_text("from setuptools import setup\nsetup()\n")
+    for name in ("calc", os.fsdecode(b"pk\xffg")):
+        (root / name).mkdir()
+        (root / name / "__init__.py").write_text("")
+    assert init(root) == 0
+    policy = written(root)
+    assert policy.identity["project"] == "proj\ufffd"
+    assert policy.verification.allow == ("calc/**",)

@@ -291,9 +291,19 @@ def _starter_text(fit: _Fit, project: str) -> str:
     """The commented starter policy. Strings are written as JSON, which YAML reads as is."""
 
     def q(value: str) -> str:
-        return json.dumps(value, ensure_ascii=False)
+        # A file name that is not UTF-8 (surrogate-escaped) cannot go into UTF-8 YAML as is.
+        text = value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+        return json.dumps(text, ensure_ascii=False)
 
-    allow = "[" + ", ".join(q(p) for p in fit.allow) + "]"
+    def utf8(value: str) -> bool:
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return False
+        return True
+
+    # A pattern with a replaced character would match nothing: leave such folders out.
+    allow = "[" + ", ".join(q(p) for p in fit.allow if utf8(p)) + "]"
     allow_comment = "".join(f"  # {line}\n" for line in textwrap.wrap(fit.allow_note, 84))
     command_comment = "".join(f"  # {line}\n" for line in textwrap.wrap(fit.command_note, 84))
     return f"""\
