@@ -481,3 +481,19 @@ def test_reports_with_any_bounds_equal_a_brute_force_sum(ledger):
                     }
                     expected = {k: [n, round(c, 6), u] for k, (n, c, u) in expected.items()}
                     assert got == expected, (by, since, until, mission)
+
+
+def test_a_directory_or_an_unopenable_ledger_is_named_without_advice_to_move_it(tmp_path):
+    with pytest.raises(LedgerError, match="is a directory; point CAGE_LEDGER"):
+        Ledger.open(tmp_path)
+    path = tmp_path / "ledger.db"
+    Ledger.open(path).close()
+    size = path.stat().st_size
+    # The WAL side files cannot be made (as on a read-only mount): the ledger itself is fine.
+    (tmp_path / "ledger.db-shm").mkdir()
+    (tmp_path / "ledger.db-wal").mkdir()
+    with pytest.raises(LedgerError) as caught:
+        Ledger.open(path)
+    assert "cannot use the ledger" in caught.value.message
+    assert "move it away" not in caught.value.message
+    assert path.stat().st_size == size

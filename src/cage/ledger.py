@@ -881,6 +881,11 @@ class SQLiteLedger(Ledger):
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise LedgerError(f"cannot create the ledger folder {path.parent}: {exc}") from None
+        if path.is_dir():
+            raise LedgerError(
+                f"the ledger {path} is a directory; point CAGE_LEDGER / --ledger at a file "
+                f"(e.g. {path / 'ledger.db'})"
+            )
         try:
             # isolation_level=None: we issue BEGIN IMMEDIATE / COMMIT ourselves, so a
             # write transaction takes the write lock up front instead of upgrading a read
@@ -896,6 +901,20 @@ class SQLiteLedger(Ledger):
         try:
             self._configure()
             self._migrate()
+        except sqlite3.OperationalError as exc:
+            # Not a broken file: the file, its folder or the file system refuses access (a
+            # read-only mount, a FIFO...). Never advise moving a ledger that may be fine.
+            self._db.close()
+            if _is_busy(exc):
+                raise LedgerError(
+                    f"the ledger {path} stayed locked by another process for "
+                    f"{RETRY_FOR_S:.0f} s; try again when it has finished"
+                ) from None
+            raise LedgerError(
+                f"cannot use the ledger {path} ({exc}): it must be a regular file that can be "
+                f"written, in a writable folder (SQLite keeps {path.name}-wal and "
+                f"{path.name}-shm beside it); nothing in it was changed"
+            ) from None
         except sqlite3.DatabaseError as exc:
             self._db.close()
             raise LedgerError(
