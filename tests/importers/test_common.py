@@ -90,3 +90,22 @@ def test_state_store_keeps_a_non_utf8_file_name(tmp_path):
     assert again.get("jsonl", name).offset == 10
     assert again.get("jsonl", "/data/bad.jsonl") is None
     again.close()
+
+
+def test_a_fifo_among_transcripts_is_skipped_and_named_not_waited_on(tmp_path, capsys):
+    # open() on a FIFO with no writer blocked the whole import forever.
+    import json
+    import os
+
+    from cage.cli import main
+
+    os.mkfifo(tmp_path / "a.jsonl")
+    line = {"timestamp": "2026-11-20T10:00:00Z", "provider": "openai", "model": "gpt-4o"}
+    (tmp_path / "b.jsonl").write_text(json.dumps({**line, "request_id": "r1"}) + "\n")
+    assert main(["import", "jsonl", "--json", str(tmp_path)]) == 1
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["imported"] == 1
+    assert doc["failures"][0]["file"].endswith("a.jsonl")
+    assert "not a regular file" in doc["failures"][0]["message"]
+    assert main(["import", "jsonl", str(tmp_path / "a.jsonl")]) == 1
+    assert "not a regular file or a directory" in capsys.readouterr().out

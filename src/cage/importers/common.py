@@ -22,6 +22,7 @@ import contextlib
 import json
 import os
 import re
+import stat
 import sys
 import time
 from collections import deque
@@ -200,6 +201,9 @@ def iter_files(root: Path, pattern: str, report: ImportReport) -> list[Path]:
 
     if root.is_file():
         return [root]
+    if root.exists() and not root.is_dir():
+        report.fail(str(root), "not a regular file or a directory (a FIFO, socket or device)")
+        return found
     for dirpath, dirnames, filenames in os.walk(root, onerror=on_error, followlinks=False):
         dirnames.sort()
         for name in filenames:
@@ -601,6 +605,11 @@ class _Importer:
             st = path.stat()
         except OSError as exc:
             report.fail(display, f"cannot read: {exc.strerror or exc}")
+            return
+        if not stat.S_ISREG(st.st_mode):
+            # A FIFO would block open() until some writer came: skip it (the walk lists
+            # every name that matches the pattern).
+            report.fail(display, "not a regular file (a FIFO, socket or device); skipped")
             return
         report.files += 1
         key = os.path.realpath(path)
