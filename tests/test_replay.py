@@ -11,10 +11,9 @@ import threading
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 
-from cage import replay
+from cage import proctree, replay
 from cage.errors import CageError
 from cage.policy import Verification
 from cage.replay import (
@@ -26,6 +25,15 @@ from cage.replay import (
     run_command,
     run_side,
     scrubbed_env,
+)
+from tests.process_trees import (
+    DOUBLE_FORK,
+    IGNORE_TERM,
+    SETSID_ESCAPER,
+    assert_dead,
+    assert_no_zombie_children,
+    read_pids,
+    wait_for_file,
 )
 
 PY = shlex.quote(sys.executable)
@@ -41,33 +49,6 @@ def work(tmp_path: Path) -> Path:
 @pytest.fixture
 def logs(tmp_path: Path) -> Path:
     return tmp_path / "logs"
-
-
-def wait_for_file(command: str, pidfile: str) -> str:
-    """Shell text: run ``command`` then block until ``pidfile`` has content, so the main
-    shell exits only after the escaper recorded its pid."""
-    return f"{command}\nwhile [ ! -s {pidfile} ]; do sleep 0.01; done\n"
-
-
-def read_pids(path: Path) -> list[int]:
-    return [int(word) for word in path.read_text().split()]
-
-
-def assert_dead(pids: list[int]) -> None:
-    assert pids, "the command recorded no pid"
-    for pid in pids:
-        try:
-            status = psutil.Process(pid).status()
-        except psutil.NoSuchProcess:
-            continue
-        raise AssertionError(f"process {pid} survived the command (status {status})")
-
-
-def assert_no_zombie_children() -> None:
-    zombies = [
-        child.pid for child in psutil.Process().children() if child.status() == psutil.STATUS_ZOMBIE
-    ]
-    assert zombies == []
 
 
 # --- exit status, output, stdin ---------------------------------------------------------
@@ -135,9 +116,7 @@ def test_background_job_is_killed_after_exit(work, logs):
 
 
 def test_setsid_escaper_is_killed(work, logs):
-    (work / "escape.py").write_text(
-        'import os, time\nos.setsid()\nopen("pids", "w").write(str(os.getpid()))\ntime.sleep(300)\n'
-    )
+    (work / "escape.py").write_text(SETSID_ESCAPER)
     escaper = f"{PY} escape.py &"
     result = run_command("command", wait_for_file(escaper, "pids"), work, 10, logs)
     assert result.exit_code == 0
@@ -145,19 +124,6 @@ def test_setsid_escaper_is_killed(work, logs):
     assert_dead(pids)
     assert result.leftover_processes_killed >= 1
     assert_no_zombie_children()
-
-
-DOUBLE_FORK = """
-import os, sys, time
-if os.fork() == 0:
-    os.setsid()
-    if os.fork() == 0:
-        with open("pids", "w") as f:
-            f.write(str(os.getpid()))
-        time.sleep(300)
-    os._exit(0)  # the middle process exits: the grandchild is orphaned
-os.wait()
-"""
 
 
 def test_double_fork_is_killed(work, logs):
@@ -181,15 +147,6 @@ def test_timeout_kills_the_whole_tree(work, logs):
     assert elapsed < 1 + replay.TERM_GRACE_S + 10
     assert_dead(read_pids(work / "pids"))
     assert_no_zombie_children()
-
-
-IGNORE_TERM = """
-import os, signal, time
-signal.signal(signal.SIGTERM, signal.SIG_IGN)
-with open("pids", "a") as f:
-    f.write(f"{os.getpid()} ")
-time.sleep(60)
-"""
 
 
 def test_timeout_kills_children_that_ignore_sigterm(work, logs, monkeypatch):
@@ -258,7 +215,7 @@ def test_cage_becomes_subreaper_and_non_dumpable(work, logs):
 
     run_command("command", "true", work, 10, logs)
     libc = ctypes.CDLL(None)
-    assert libc.prctl(replay.PR_GET_DUMPABLE, 0, 0, 0, 0) == 0
+    assert libc.prctl(proctree.PR_GET_DUMPABLE, 0, 0, 0, 0) == 0
     flag = ctypes.c_int(0)
     assert libc.prctl(37, ctypes.byref(flag), 0, 0, 0) == 0  # PR_GET_CHILD_SUBREAPER
     assert flag.value == 1

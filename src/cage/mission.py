@@ -12,7 +12,8 @@ The steps, in order:
 4. the agent runs in its own process group; at ``max_runtime_minutes``, when the budget is
    spent, or on Ctrl-C / SIGTERM it is stopped: SIGTERM to its whole tree, a grace period,
    then SIGKILL. Escapers (``setsid``, double forks) are found because cage is the child
-   subreaper on Linux: orphans are re-parented to cage, not init;
+   subreaper on Linux: orphans are re-parented to cage, not init (``cage.proctree``, the
+   code the CI replay stops verify commands with);
 5. the agent's result (its commits and its uncommitted changes) becomes a commit object
    made with a temporary index and ``git commit-tree``, kept by ``refs/cage/missions/<id>``;
    the user's branch, index and working tree are not touched;
@@ -34,12 +35,9 @@ Decisions (docs/missions.md explains them to users):
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import secrets
-import select
 import signal
-import subprocess
 import sys
 import termios
 import threading
@@ -125,156 +123,6 @@ def _say(options: MissionOptions, message: str) -> None:
 # ---------------------------------------------------------------------------------------
 # The agent's processes
 
-PR_SET_CHILD_SUBREAPER = 36
-PR_SET_DUMPABLE = 4
-_prepared = False
-
-
-def _prepare_cage_process() -> None:
-    """Once, on Linux: become the child subreaper (orphans of the agent, setsid escapers
-    and double forks included, are re-parented to cage, where cleanup finds them), and mark
-    cage non-dumpable (the agent, same user, cannot read cage's environment or memory
-    through /proc: issue 8 keeps the attestation key in this process)."""
-    global _prepared
-    if _prepared:
-        return
-    _prepared = True
-    if sys.platform.startswith("linux"):
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
-            libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
-        except (OSError, AttributeError):
-            pass
-
-
-def _ident(proc: Any) -> tuple[int, float] | None:
-    import psutil
-
-    try:
-        return proc.pid, proc.create_time()
-    except psutil.Error:
-        return None
-
-
-def _my_children() -> set[tuple[int, float]]:
-    import psutil
-
-    return {i for i in map(_ident, psutil.Process().children()) if i is not None}
-
-
-def agent_processes(agent_pid: int, known_children: set[tuple[int, float]]) -> list[Any]:
-    """The agent's processes still in the process table: the agent, its descendants,
-    cage's children that were not there before the agent started (orphans re-parented to
-    cage, the subreaper) with their descendants, and members of the agent's process group
-    found anywhere else."""
-    import psutil
-
-    me = os.getpid()
-    children_of: dict[int, list[Any]] = {}
-    everyone = []
-    for proc in psutil.process_iter(["ppid"]):
-        everyone.append(proc)
-        children_of.setdefault(proc.info["ppid"], []).append(proc)
-    stack = [
-        p
-        for p in children_of.get(me, [])
-        if (i := _ident(p)) is not None and i not in known_children
-    ]
-    found: dict[int, Any] = {}
-    while stack:
-        proc = stack.pop()
-        if proc.pid not in found:
-            found[proc.pid] = proc
-            stack.extend(children_of.get(proc.pid, []))
-    for proc in everyone:
-        if proc.pid in found or proc.pid == me:
-            continue
-        with contextlib.suppress(OSError):
-            if os.getpgid(proc.pid) == agent_pid:
-                found[proc.pid] = proc
-    return list(found.values())
-
-
-def _alive(procs: list[Any], agent_pid: int) -> list[Any]:
-    """The processes not yet dead; reaps the zombies that are cage's children (never the
-    agent itself, whose status Popen collects and whose pid keeps its group id ours)."""
-    import psutil
-
-    live = []
-    for proc in procs:
-        try:
-            zombie = proc.status() == psutil.STATUS_ZOMBIE
-        except psutil.Error:
-            continue
-        if not zombie:
-            live.append(proc)
-        elif proc.pid != agent_pid:
-            with contextlib.suppress(ChildProcessError, OSError):
-                os.waitpid(proc.pid, os.WNOHANG)
-    return live
-
-
-def _signal(procs: list[Any], agent_pid: int, sig: int) -> None:
-    import psutil
-
-    with contextlib.suppress(OSError):
-        os.killpg(agent_pid, sig)
-    for proc in procs:
-        with contextlib.suppress(psutil.Error):
-            proc.send_signal(sig)
-
-
-def stop_process_tree(
-    agent_pid: int,
-    known_children: set[tuple[int, float]],
-    grace_s: float,
-    hurry: threading.Event | None = None,
-) -> int:
-    """SIGTERM every process of the agent, wait up to ``grace_s`` for them to end (cut
-    short when ``hurry`` is set: a second Ctrl-C), then SIGKILL in rounds until nothing is
-    left. Returns how many processes were alive when stopping began (the agent included
-    while it was running)."""
-    import psutil
-
-    live = _alive(agent_processes(agent_pid, known_children), agent_pid)
-    count = len(live)
-    if not live:
-        return 0
-    _signal(live, agent_pid, signal.SIGTERM)
-    end = time.monotonic() + grace_s
-    while time.monotonic() < end and not (hurry is not None and hurry.is_set()):
-        if not _alive(agent_processes(agent_pid, known_children), agent_pid):
-            return count
-        time.sleep(0.05)
-    deadline = time.monotonic() + 10.0
-    while time.monotonic() < deadline:
-        live = _alive(agent_processes(agent_pid, known_children), agent_pid)
-        if not live:
-            break
-        _signal(live, agent_pid, signal.SIGKILL)
-        others = [p for p in live if p.pid != agent_pid]
-        if others:
-            psutil.wait_procs(others, timeout=0.2)
-        else:
-            time.sleep(0.01)
-    return count
-
-
-def _exited(pid: int, pidfd: int, timeout_s: float) -> bool:
-    """Wait up to ``timeout_s`` for ``pid`` to exit, without reaping it."""
-    if pidfd >= 0:
-        poller = select.poll()
-        poller.register(pidfd, select.POLLIN)
-        return bool(poller.poll(max(0, int(timeout_s * 1000))))
-    end = time.monotonic() + timeout_s
-    while True:
-        if os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None:
-            return True
-        if time.monotonic() >= end:
-            return False
-        time.sleep(0.01)
-
 
 class _Terminal:
     """Hands the controlling terminal to the agent's process group while it runs, so an
@@ -312,32 +160,6 @@ class _Terminal:
                 os.tcsetpgrp(self.fd, pgid)
         finally:
             signal.signal(signal.SIGTTOU, previous)
-
-
-@contextlib.contextmanager
-def _signals_as_interrupt(hurry: threading.Event) -> Iterator[None]:
-    """While the agent runs, SIGTERM and SIGHUP stop the mission like Ctrl-C (the receipt is
-    still written); a second signal during cleanup only cuts the grace period short."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    first = {"seen": False}
-
-    def handler(signum: int, frame: object) -> None:
-        if first["seen"]:
-            hurry.set()
-            return
-        first["seen"] = True
-        raise KeyboardInterrupt
-
-    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
-    for s in saved:
-        signal.signal(s, handler)
-    try:
-        yield
-    finally:
-        for s, h in saved.items():
-            signal.signal(s, h)
 
 
 @contextlib.contextmanager
@@ -398,40 +220,35 @@ def run_agent(
     whole tree, ``grace_s``, SIGKILL) at ``max_runtime_s``, when ``budget_exhausted()``
     turns true, or on Ctrl-C / SIGTERM / SIGHUP. Leftover processes of an agent that exited
     by itself are stopped the same way. Raises UsageError when the program cannot start."""
-    _prepare_cage_process()
-    known = _my_children()
+    from cage import proctree
+
     terminal = _Terminal()
     hurry = threading.Event()
-    kwargs: dict[str, Any] = {}
-    if sys.version_info >= (3, 11):
-        kwargs["process_group"] = 0
-    else:  # pragma: no cover - Python 3.10
-        kwargs["preexec_fn"] = os.setpgrp
-    started = time.monotonic()
     stopped_by: str | None = None
-    with _signals_as_interrupt(hurry):
+    # Until armed, an interrupt is held: one during the start would leave the agent to no one.
+    with proctree.ONE_TREE_AT_A_TIME, proctree.Interrupts(hurry) as interrupts:
+        started = time.monotonic()
         try:
-            proc = subprocess.Popen(
-                list(argv),
+            # Its own process group in cage's session, so that it can have the terminal.
+            tree = proctree.start(
+                argv,
+                own_session=False,
                 cwd=cwd,
                 env=env,
                 stdout=sys.stderr.fileno() if stdout_to_stderr else None,
-                **kwargs,
             )
         except OSError as exc:
             raise UsageError(
                 f"cannot start the agent {argv[0]!r}: {exc.strerror}; check the command after "
                 "`--` (is it installed and on PATH?)"
             ) from None
-        pidfd = -1
         try:
-            terminal.give(proc.pid)
-            with contextlib.suppress(OSError, AttributeError):
-                pidfd = os.pidfd_open(proc.pid)
+            terminal.give(tree.leader.pid)
+            interrupts.arm()
             deadline = None if max_runtime_s is None else started + max_runtime_s
             while True:
                 wait = POLL_S if deadline is None else min(POLL_S, deadline - time.monotonic())
-                if _exited(proc.pid, pidfd, max(0.0, wait)):
+                if tree.wait_for_exit(max(0.0, wait)):
                     break
                 if budget_exhausted():
                     stopped_by = "budget"
@@ -442,14 +259,17 @@ def run_agent(
         except KeyboardInterrupt:
             stopped_by = "interrupt"
         finally:
-            if pidfd >= 0:
-                os.close(pidfd)
-    with _shielded(hurry):
-        try:
-            count = stop_process_tree(proc.pid, known, grace_s, hurry)
-            exit_code = proc.wait()
-        finally:
-            terminal.take_back()
+            # Whatever ended the wait, the agent's tree is stopped; a signal from here on is
+            # held and only cuts the grace period short (``hurry``).
+            interrupts.disarm()
+            try:
+                running = not tree.wait_for_exit(0)
+                count = tree.stop(grace_s, hurry) + running  # the agent itself, if stopped
+                exit_code = tree.leader.wait()
+            finally:
+                terminal.take_back()
+        if interrupts.take_held() and stopped_by is None:
+            stopped_by = "interrupt"  # during the cleanup of an agent that had exited
     if stopped_by is None and exit_code == -signal.SIGINT:
         stopped_by = "interrupt"  # Ctrl-C on the terminal reached the agent, not cage
     return AgentRun(

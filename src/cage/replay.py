@@ -7,7 +7,7 @@ pipes: a lingering child holding a pipe open would keep us waiting). On Linux th
 process makes itself a *child subreaper*, so processes that escape the group with
 ``setsid`` or by double-forking are re-parented to cage instead of init, where cage can
 still find them. When the command ends, or its timeout expires, every process it started
-is killed and reaped.
+is killed and reaped (``cage.proctree``, which the mission's agent shares).
 
 Test evidence: ``PYTEST_ADDOPTS`` makes any pytest run in the command write a JUnit XML
 report to a fresh, randomly named file in ``log_dir``; cage parses it after the whole
@@ -42,8 +42,9 @@ Trust notes (see also docs/trust-model.md):
 - A credential-like variable a test needs (``DJANGO_SECRET_KEY``) is scrubbed too: set it
   in the verify command itself (``DJANGO_SECRET_KEY=test python -m pytest``), where the
   policy shows it. A missing variable fails at base and head alike, never a false PASS.
-- SIGTERM (a cancelled job) is handled like Ctrl-C while a command runs; an interrupt that
-  arrives while the command is being started is held until cleanup can run.
+- SIGTERM (a cancelled job) and SIGHUP (a closed terminal) are handled like Ctrl-C while a
+  command runs; an interrupt that arrives while the command is being started is held until
+  cleanup can run.
 - ``run_command`` calls are serialised by a lock: cleanup finds the command's escaped
   processes among cage's new children, which needs one command at a time per process.
 """
@@ -51,17 +52,12 @@ Trust notes (see also docs/trust-model.md):
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import secrets
-import select
 import shlex
 import shutil
-import signal
 import stat
 import subprocess
-import sys
-import threading
 import time
 import xml.etree.ElementTree as ET
 from collections import Counter
@@ -73,8 +69,6 @@ from typing import TYPE_CHECKING, Any
 from cage.errors import CageError
 
 if TYPE_CHECKING:
-    import psutil
-
     from cage.policy import Verification
 
 # ---------------------------------------------------------------------------------------
@@ -374,239 +368,7 @@ def read_report(path: Path) -> tuple[TestReport | None, str | None]:
 # Processes
 
 
-PR_SET_CHILD_SUBREAPER = 36
-PR_GET_DUMPABLE = 3
-PR_SET_DUMPABLE = 4
 TERM_GRACE_S = 2.0  # after a timeout: SIGTERM, this long to exit, then SIGKILL
-KILL_DEADLINE_S = 5.0  # SIGKILL rounds give up after this (a process stuck in the kernel)
-
-_subreaper: bool | None = None
-_run_lock = threading.Lock()
-
-
-def _prepare_cage_process() -> bool:
-    """Once per process, on Linux: make cage the child subreaper, so orphans of the
-    commands are re-parented to cage, not init, and cleanup finds setsid escapers and
-    double forks; and mark cage non-dumpable, so a command running as the same user cannot
-    read cage's environment (CI tokens, the attestation key) or memory through
-    ``/proc/<pid>/environ``, ``/proc/<pid>/mem`` or ptrace. Returns whether cage is the
-    subreaper; elsewhere it is not, and that is harmless."""
-    global _subreaper
-    if _subreaper is None:
-        _subreaper = False
-        if sys.platform.startswith("linux"):
-            try:
-                libc = ctypes.CDLL(None, use_errno=True)
-                _subreaper = libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
-                libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
-            except (OSError, AttributeError):
-                pass
-    return _subreaper
-
-
-class _Interrupts:
-    """SIGINT and SIGTERM while a command runs. SIGTERM (a cancelled CI job) is handled like
-    Ctrl-C, so the process tree and the worktree are still cleaned up. Either one is raised
-    as KeyboardInterrupt only while armed, that is where the cleanup handler is in place; one
-    arriving while the command is being started or cleaned up is held and raised when the
-    ``with`` block ends (a signal inside ``Popen`` would leave the started tree to no one).
-    Handlers can only be set in the main thread; elsewhere this does nothing. A signal the
-    process ignores stays ignored."""
-
-    def __init__(self) -> None:
-        self.armed = False
-        self.pending = False
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> _Interrupts:
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                previous = signal.getsignal(sig)
-                if previous is not signal.SIG_IGN:
-                    self._previous[sig] = previous
-                    signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum: int, frame: object) -> None:
-        if self.armed:
-            self.armed = False  # one interrupt: more during the cleanup are held
-            raise KeyboardInterrupt
-        self.pending = True
-
-    def arm(self) -> None:
-        """From here on an interrupt is raised at once (a held one too)."""
-        if self.pending:
-            self.pending = False
-            raise KeyboardInterrupt
-        self.armed = True
-
-    def disarm(self) -> None:
-        """From here on interrupts are held until the block ends."""
-        self.armed = False
-
-    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        self.armed = False
-        for sig, previous in self._previous.items():
-            signal.signal(sig, signal.SIG_DFL if previous is None else previous)
-        if self.pending and exc_type is None:
-            raise KeyboardInterrupt
-
-
-def _identity(proc: psutil.Process) -> tuple[int, float] | None:
-    import psutil
-
-    try:
-        return proc.pid, proc.create_time()
-    except psutil.Error:
-        return None
-
-
-def _command_processes(
-    shell_pid: int, known_children: set[tuple[int, float]]
-) -> list[psutil.Process]:
-    """Every process that the command started and that still exists (zombies included):
-    cage's direct children that did not exist before the command (the shell and the
-    orphans re-parented to cage), all their descendants, and members of the command's
-    session found elsewhere (without a subreaper, orphans go to init)."""
-    import psutil
-
-    # One pass over the process table (a per-process children() call rescans the whole
-    # table each time, quadratic when hundreds of orphans land on cage at once).
-    me = os.getpid()
-    children_of: dict[int, list[psutil.Process]] = {}
-    everyone: list[psutil.Process] = []
-    for proc in psutil.process_iter(["ppid"]):
-        everyone.append(proc)
-        children_of.setdefault(proc.info["ppid"], []).append(proc)
-    found: dict[int, psutil.Process] = {}
-    stack = [
-        child
-        for child in children_of.get(me, [])
-        if (ident := _identity(child)) is not None and ident not in known_children
-    ]
-    while stack:
-        proc = stack.pop()
-        if proc.pid not in found:
-            found[proc.pid] = proc
-            stack.extend(children_of.get(proc.pid, []))
-    if not _subreaper:
-        for proc in everyone:
-            with contextlib.suppress(OSError):
-                if proc.pid not in found and os.getsid(proc.pid) == shell_pid:
-                    found[proc.pid] = proc
-    return list(found.values())
-
-
-def _signal_all(procs: list[psutil.Process], shell_pid: int, sig: int) -> None:
-    import psutil
-
-    with contextlib.suppress(OSError):
-        os.killpg(shell_pid, sig)  # the shell is unreaped, so its group id is still ours
-    for proc in procs:
-        with contextlib.suppress(psutil.Error):
-            proc.send_signal(sig)
-
-
-def _split_live(procs: list[psutil.Process], shell_pid: int) -> list[psutil.Process]:
-    """Reap the zombies among ``procs`` that are cage's children (never the shell, whose
-    status ``Popen`` collects) and return the processes still alive."""
-    import psutil
-
-    live = []
-    for proc in procs:
-        try:
-            zombie = proc.status() == psutil.STATUS_ZOMBIE
-        except psutil.Error:
-            continue
-        if not zombie:
-            live.append(proc)
-        elif proc.pid != shell_pid:
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(proc.pid, os.WNOHANG)
-    return live
-
-
-def _kill_everything(
-    shell: subprocess.Popen,
-    known_children: set[tuple[int, float]],
-    killed: set[tuple[int, float]] | None = None,
-) -> int:
-    """SIGKILL the command's whole tree in rounds until nothing of it is alive or unreaped
-    (a process forking during a round is found in the next one). Returns how many
-    processes other than the shell were ended, counting those already in ``killed``."""
-    import psutil
-
-    killed = set() if killed is None else killed
-    deadline = time.monotonic() + KILL_DEADLINE_S
-    while True:
-        procs = _command_processes(shell.pid, known_children)
-        live = _split_live(procs, shell.pid)
-        others = [p for p in procs if p.pid != shell.pid]
-        if not live and not others:
-            break
-        _signal_all(live, shell.pid, signal.SIGKILL)
-        for proc in live:
-            ident = _identity(proc)
-            if ident is not None and proc.pid != shell.pid:
-                killed.add(ident)
-        if time.monotonic() > deadline:
-            break
-        waiting = [p for p in live if p.pid != shell.pid]
-        if waiting:
-            psutil.wait_procs(waiting, timeout=0.2)  # reaps those that are our children
-        else:
-            time.sleep(0.005)  # zombies whose parent is dying re-parent to cage shortly
-    return len(killed)
-
-
-def _terminate_then_kill(shell: subprocess.Popen, known_children: set[tuple[int, float]]) -> int:
-    """After a timeout: SIGTERM the whole tree, allow TERM_GRACE_S, then SIGKILL."""
-    procs = _command_processes(shell.pid, known_children)
-    live = _split_live(procs, shell.pid)
-    others = (p for p in live if p.pid != shell.pid)
-    terminated = {ident for ident in map(_identity, others) if ident is not None}
-    _signal_all(live, shell.pid, signal.SIGTERM)
-    grace_end = time.monotonic() + TERM_GRACE_S
-    while time.monotonic() < grace_end:
-        if not _split_live(_command_processes(shell.pid, known_children), shell.pid):
-            break
-        time.sleep(0.05)
-    # What SIGTERM ended counts too: every process other than the shell is a leftover.
-    return _kill_everything(shell, known_children, terminated)
-
-
-def _wait_for_exit(proc: subprocess.Popen, timeout_s: float) -> bool:
-    """Wait until ``proc`` exits, without reaping it (its pid must stay reserved while we
-    signal its process group). True when it exited, False on timeout."""
-    deadline = time.monotonic() + timeout_s
-    pidfd = -1
-    if hasattr(os, "pidfd_open"):
-        with contextlib.suppress(OSError):
-            pidfd = os.pidfd_open(proc.pid)
-    if pidfd >= 0:
-        try:
-            poller = select.poll()
-            poller.register(pidfd, select.POLLIN)
-            while True:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return False
-                if poller.poll(max(1, int(remaining * 1000))):
-                    return True
-        finally:
-            os.close(pidfd)
-    delay = 0.001
-    while True:
-        if hasattr(os, "waitid"):
-            if os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT):
-                return True
-        elif proc.poll() is not None:  # no waitid: reaping here is the best we can do
-            return True
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            return False
-        time.sleep(min(delay, remaining))
-        delay = min(delay * 2, 0.05)
 
 
 # Files the GitHub runner reads back after the step: outputs, step summary, environment and
@@ -744,7 +506,7 @@ def run_command(
     True and ``exit_code`` None. On KeyboardInterrupt the tree is killed and the interrupt
     re-raised. Raises CageError when the command cannot be started at all.
     """
-    import psutil
+    from cage import proctree
 
     log_dir = Path(log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -760,25 +522,21 @@ def run_command(
     # A .pth planted in the user's site directory by one run must not load into the next.
     env["PYTHONNOUSERSITE"] = "1"
 
-    with _run_lock, _Interrupts() as interrupts:
-        _prepare_cage_process()
+    with proctree.ONE_TREE_AT_A_TIME, proctree.Interrupts() as interrupts:
         runner_files = _snapshot_runner_files()
-        known_children = {
-            ident for ident in map(_identity, psutil.Process().children()) if ident is not None
-        }
         interrupts.arm()  # an interrupt held so far: raise it before anything starts
         interrupts.disarm()
         started = time.monotonic()
         with _fresh_log(stdout_path) as out, _fresh_log(stderr_path) as err:
             try:
-                shell = subprocess.Popen(
+                tree = proctree.start(
                     ["/bin/sh", "-c", command],
+                    own_session=True,
                     cwd=cwd,
                     env=env,
                     stdin=subprocess.DEVNULL,
                     stdout=out,
                     stderr=err,
-                    start_new_session=True,
                 )
             except OSError as exc:
                 raise CageError(
@@ -788,23 +546,22 @@ def run_command(
         timed_out = False
         try:
             interrupts.arm()
-            exited = _wait_for_exit(shell, timeout_s)
-            if exited:
-                leftovers = _kill_everything(shell, known_children)
+            if tree.wait_for_exit(timeout_s):
+                leftovers = tree.kill()
             else:
                 timed_out = True
-                leftovers = _terminate_then_kill(shell, known_children)
+                leftovers = tree.stop(TERM_GRACE_S)
             interrupts.disarm()
         except BaseException:
             # Ctrl-C (or any error) while waiting: nothing the command started may outlive us.
             interrupts.disarm()
-            _kill_everything(shell, known_children)
+            tree.kill()
             with contextlib.suppress(subprocess.TimeoutExpired):
-                shell.wait(timeout=KILL_DEADLINE_S)
+                tree.leader.wait(timeout=proctree.KILL_DEADLINE_S)
             with contextlib.suppress(CageError):
                 _restore_runner_files(runner_files)
             raise
-        returncode = shell.wait()
+        returncode = tree.leader.wait()
         duration = time.monotonic() - started
         restored = _restore_runner_files(runner_files)
 
