@@ -176,7 +176,8 @@ def _shielded(hurry: threading.Event) -> Iterator[None]:
         yield
     finally:
         for s, h in saved.items():
-            signal.signal(s, h)
+            # getsignal() gives None for a handler installed outside Python: restore the default.
+            signal.signal(s, signal.SIG_DFL if h is None else h)
 
 
 def agent_env(base_env: dict[str, str], proxy_url: str, mission_id: str) -> dict[str, str]:
