@@ -423,13 +423,16 @@ def test_worktree_cleanup_of_a_locked_entry_whose_git_file_was_rewritten(git_rep
     assert (decoy / "locked").read_text() == "must survive"
 
 
-def test_worktree_of_unknown_commit_leaves_nothing(git_repo):
+def test_worktree_of_unknown_commit_leaves_nothing(git_repo, tmp_path, monkeypatch):
     two_commits(git_repo)
     repo = Repo(git_repo.path)
-    before = set(Path(tempfile.gettempdir()).glob("cage-wt-*"))
+    # A private temporary directory: parallel tests create worktrees in the shared one.
+    private = tmp_path / "tmp"
+    private.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(private))
     with pytest.raises(GitError, match="worktree"), repo.worktree("1" * 40):
         pass
-    assert set(Path(tempfile.gettempdir()).glob("cage-wt-*")) == before
+    assert list(private.iterdir()) == []
     assert worktrees(git_repo) == [str(git_repo.path)]
 
 
