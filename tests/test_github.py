@@ -205,3 +205,13 @@ def test_each_tamper_finding_keeps_its_own_line():
     v = Verdict("HUMAN_APPROVAL_REQUIRED", [f.reason() for f in found], findings=found)
     lines = github.annotations(v)
     assert [line.split(",")[1] for line in lines] == ["line=3", "line=9"]
+
+
+def test_event_file_that_is_a_fifo_is_a_bad_event_not_a_hang(tmp_path):
+    import os
+
+    fifo = tmp_path / "event.json"
+    os.mkfifo(fifo)
+    env = {"GITHUB_EVENT_NAME": "pull_request", "GITHUB_EVENT_PATH": str(fifo)}
+    reason = github.revisions_from_event(env)
+    assert reason.code == "bad_event" and "not valid JSON" in reason.message

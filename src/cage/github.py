@@ -75,7 +75,11 @@ def revisions_from_event(env: Mapping[str, str]) -> tuple[str, str] | Reason:
     if not path:
         return Reason("bad_event", f"GITHUB_EVENT_PATH is unset: cannot read the {name} event")
     try:
-        with open(path, "rb") as fh:
+        # O_NONBLOCK: a FIFO nobody writes to must not hang the gate in open(); read blocking
+        # after that (a FIFO without a writer reads empty, which is then not valid JSON).
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        with open(fd, "rb") as fh:
+            os.set_blocking(fd, True)
             raw = fh.read(MAX_EVENT_BYTES + 1)
     except OSError as exc:
         return Reason("bad_event", f"cannot read the event file {path}: {exc.strerror or exc}")
