@@ -522,3 +522,13 @@ def test_finding_reason_names_the_place_once():
     assert Finding("a.py", "tamper", "tamper_x", "a.py:3: bad", 3).reason().message == "a.py:3: bad"
     assert Finding("a.py", "tamper", "tamper_x", "bad", 3).reason().message == "a.py:3: bad"
     assert Finding("a.py", "scope", "out_of_scope", "outside").reason().message == "a.py: outside"
+
+
+def test_a_huge_revision_is_refused_without_echoing_it(git_repo):
+    git_repo.write("a.txt", "a\n")
+    git_repo.commit("base")
+    verdict = adj.adjudicate(git_repo.path, "a" * 100_000, "HEAD")
+    assert verdict.verdict == "BLOCKED"
+    (reason,) = verdict.reasons
+    assert reason.code == "bad_revision" and "100000 characters" in reason.message
+    assert len(reason.message) < 300

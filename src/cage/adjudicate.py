@@ -1093,6 +1093,10 @@ def _say(progress: Callable[[str], None] | None, message: str) -> None:
         progress(message)
 
 
+# Longer than any git ref name can be (PATH_MAX): refused before git sees it.
+MAX_REVISION_CHARS = 4096
+
+
 def adjudicate(
     repo_path: str | os.PathLike[str],
     base_rev: str,
@@ -1164,6 +1168,13 @@ def _adjudicate(
     timings: dict[str, float] = {}
     clock = time.monotonic()
     for label, rev in (("base", base_rev), ("head", head_rev)):
+        if len(rev or "") > MAX_REVISION_CHARS:
+            # No ref or SHA is this long; echoing it would flood the verdict and the log.
+            return blocked(
+                "bad_revision",
+                f"the {label} revision {rev[:40]!r}... is refused: {len(rev)} characters, "
+                f"more than {MAX_REVISION_CHARS}; give a commit SHA or a ref",
+            )
         if not rev or rev.startswith("-"):
             return blocked(
                 "bad_revision",
