@@ -109,3 +109,15 @@ def test_missing_file_exits_1(tmp_path, ledger_db, capsys):
     captured = capsys.readouterr()
     assert code == 1
     assert "absent.jsonl: no such file or directory" in captured.out
+
+
+def test_infinite_cost_or_duration_is_a_bad_line_not_an_inf_total():
+    # One `Infinity` cost made every later report total inf (and its --json invalid).
+    import pytest
+
+    from cage.importers.common import BadLine
+
+    base = {"timestamp": "2026-11-20T10:00:00Z", "provider": "openai", "model": "gpt-4o"}
+    for bad in ({"cost_usd": float("inf")}, {"cost_usd": 1e400}, {"duration_s": float("inf")}):
+        with pytest.raises(BadLine):
+            event_fields({**base, **bad})

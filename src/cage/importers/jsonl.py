@@ -132,8 +132,12 @@ def event_fields(obj: dict) -> dict:
 
     cost = obj.get("cost_usd")
     if cost is not None:
+        # NaN and Infinity (or 1e400) are refused: one inf row would make every later
+        # report's total inf, which is not even valid JSON.
         if isinstance(cost, bool) or not isinstance(cost, (int, float)) or cost != cost:
             raise BadLine("cost_usd is not a number")
+        if cost in (float("inf"), float("-inf")):
+            raise BadLine("cost_usd is not a finite number")
         if cost < 0:
             raise BadLine(f"cost_usd = {cost} is negative")
         cost = float(cost)
@@ -163,7 +167,11 @@ def event_fields(obj: dict) -> dict:
         fields[name] = value
     duration = obj.get("duration_s")
     if duration is not None:
-        if isinstance(duration, bool) or not isinstance(duration, (int, float)) or duration < 0:
+        if (
+            isinstance(duration, bool)
+            or not isinstance(duration, (int, float))
+            or not 0 <= duration < float("inf")
+        ):
             raise BadLine("duration_s is not a non-negative number")
         duration = float(duration)
     fields["duration_s"] = duration
