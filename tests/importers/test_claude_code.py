@@ -475,3 +475,19 @@ def test_lines_read_the_same_whichever_json_parser_is_installed(
         "message.usage.input_tokens is too large to be a token count",
         "message.usage.output_tokens = nan is not a whole number",
     ]
+
+
+def test_infinite_or_nan_cost_in_a_transcript_is_a_bad_line(tmp_path, ledger_db, capsys):
+    # json.loads reads 1e400 as inf and NaN as nan: stored, either made report totals unusable.
+    write_lines(
+        project(tmp_path) / "s.jsonl",
+        [
+            claude_line("msg_a", "req_a", cost=float("inf")),
+            claude_line("msg_b", "req_b", cost=float("nan")),
+            claude_line("msg_c", "req_c", cost=0.5),
+        ],
+    )
+    code, doc = run_import(capsys, str(tmp_path / "claude"))
+    assert (code, doc["imported"], doc["bad_lines"]) == (1, 1, 2)
+    assert "costUSD is not a finite" in doc["errors"][0]["message"]
+    assert [r["cost_usd"] for r in ledger_rows(ledger_db)] == [0.5]

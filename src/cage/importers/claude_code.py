@@ -181,10 +181,14 @@ class FileParser:
         sidechain = outer.get("isSidechain") is True
         speed = usage.get("speed")
         cost = outer.get("costUSD")
+        # "not 0 <= cost < inf" also refuses NaN and Infinity (1e400): one such row made
+        # every later report total NaN/inf, and its --json invalid.
         if cost is not None and (
-            isinstance(cost, bool) or not isinstance(cost, (int, float)) or cost < 0
+            isinstance(cost, bool)
+            or not isinstance(cost, (int, float))
+            or not 0 <= cost < float("inf")
         ):
-            raise BadLine("costUSD is not a non-negative number")
+            raise BadLine("costUSD is not a finite non-negative number")
 
         if message_id:
             # requestId is the API's request-id header: with it the call gets the canonical
