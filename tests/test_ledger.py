@@ -497,3 +497,14 @@ def test_a_directory_or_an_unopenable_ledger_is_named_without_advice_to_move_it(
     assert "cannot use the ledger" in caught.value.message
     assert "move it away" not in caught.value.message
     assert path.stat().st_size == size
+
+
+def test_a_nan_or_infinite_cost_is_refused_and_the_total_stays_finite(tmp_path):
+    ledger = Ledger.open(tmp_path / "ledger.db")
+    for n, cost in enumerate((float("inf"), float("nan"))):
+        with pytest.raises(LedgerError, match="cost_usd must be a finite number"):
+            ledger.add(ev(n, cost_usd=cost))
+    assert ledger.add(ev(9, cost_usd=0.25))
+    (row,) = ledger.report("model")
+    assert row["cost_usd"] == 0.25
+    ledger.close()

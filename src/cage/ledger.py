@@ -64,6 +64,7 @@ BATCH_SIZE = 1000
 # busy handler already waits BUSY_TIMEOUT_MS per attempt; the retry loop covers the cases
 # the busy handler does not (e.g. a lock upgrade refused to avoid deadlock).
 BUSY_TIMEOUT_MS = 30_000
+_INF = float("inf")
 RETRY_FOR_S = 120.0
 
 
@@ -843,6 +844,9 @@ def _event_row(event: Event) -> tuple:
             if isinstance(count, int) and not isinstance(count, bool) and count >= 0:
                 continue
             raise LedgerError(f"token counts must be whole numbers >= 0, got {count!r}")
+    # NaN or inf stored once would make every later total NaN/inf (and report --json invalid).
+    if event.cost_usd is not None and not -_INF < float(event.cost_usd) < _INF:
+        raise LedgerError(f"cost_usd must be a finite number or None, got {event.cost_usd!r}")
     extra = event.extra
     return (
         timestamp,
