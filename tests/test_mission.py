@@ -215,3 +215,13 @@ def test_snapshot_sees_a_same_size_edit_in_the_index_timestamp(git_repo):
     with gitio.Repo(git_repo.path) as r:
         snap = r.snapshot(ref="refs/cage/missions/racy", message="snap")
     assert git_repo.git("show", f"{snap.commit}:a.txt") == "new\n"
+
+
+@pytest.mark.parametrize("grace", [float("nan"), float("inf"), -1.0])
+def test_a_grace_period_that_never_ends_or_is_negative_is_refused(grace, tmp_path):
+    # NaN passed the old "< 0" check; the agent would then never get its SIGKILL.
+    from cage.errors import UsageError
+
+    options = mission.MissionOptions(argv=["true"], repo=str(tmp_path), grace_s=grace)
+    with pytest.raises(UsageError, match="--grace must be a finite number"):
+        mission.run_mission(options)

@@ -464,8 +464,11 @@ def run_mission(options: MissionOptions) -> MissionResult:
         argv = argv[1:]
     if not argv:
         raise UsageError("give the agent command after `--`: cage mission run -- claude -p '...'")
-    if options.grace_s < 0:
-        raise UsageError(f"--grace must be >= 0 seconds, not {options.grace_s:g}")
+    # NaN passes a "< 0" test and inf never ends: both are refused.
+    if not 0 <= options.grace_s < float("inf"):
+        raise UsageError(
+            f"--grace must be a finite number >= 0 of seconds, not {options.grace_s:g}"
+        )
     repo = gitio.Repo(options.repo)
     root = repo.root
     try:
