@@ -325,3 +325,12 @@ def test_init_in_a_folder_whose_name_is_not_utf8(tmp_path):
     policy = written(root)
     assert policy.identity["project"] == "proj\ufffd"
     assert policy.verification.allow == ("calc/**",)
+
+
+def test_init_refuses_a_bare_repository(tmp_path, capsys):
+    # It used to write bare.git/.runcap/mission.yaml, where no commit would ever pick it up.
+    bare = tmp_path / "bare.git"
+    subprocess.run(["git", "init", "-q", "--bare", str(bare)], check=True)
+    assert init(bare) == 2
+    assert "bare git repository" in capsys.readouterr().err
+    assert not (bare / ".runcap").exists()

@@ -144,6 +144,13 @@ def _init(args: argparse.Namespace) -> int:
     root = Path(args.repo) if args.repo else Path.cwd()
     if not root.is_dir():
         raise UsageError(f"--repo {args.repo}: not a directory")
+    if (root / "HEAD").is_file() and (root / "objects").is_dir() and (root / "refs").is_dir():
+        # A bare repository (or a .git folder) has no working tree: a policy written here
+        # would never be committed.
+        raise UsageError(
+            f"{args.repo or root}: is a bare git repository (or a .git folder), not a working "
+            "tree; run `cage policy init` in a clone of it"
+        )
     target = root / POLICY_PATH
     shown = os.path.join(args.repo, POLICY_PATH) if args.repo else POLICY_PATH
     if (target.exists() or target.is_symlink()) and not args.force:
