@@ -189,3 +189,28 @@ def test_postgres_ledger_is_a_clear_error():
     assert done.returncode == 1
     assert "PostgreSQL ledgers are not supported in this build" in done.stderr
     assert "pw@" not in done.stderr
+
+
+def test_a_non_finite_cost_from_an_older_cage_is_flagged_and_json_stays_valid(tmp_path, capsys):
+    # Before the importers refused them, costUSD 1e400 (inf) reached the ledger unchecked.
+    from cage.ledger import RowBatch
+
+    path = tmp_path / "old.db"
+    batch = RowBatch()
+    batch.add_fields(
+        {
+            "timestamp": "2026-11-20T10:00:00Z",
+            "provider": "anthropic",
+            "model": "claude-sonnet-4",
+            "cost_usd": float("inf"),
+            "truth": "measured",
+            "request_id": "r-inf",
+        }
+    )
+    with Ledger.open(path) as ledger:
+        ledger.add_batch(batch)
+    assert main(["report", "--ledger", str(path), "--json"]) == 1
+    captured = capsys.readouterr()
+    doc = json.loads(captured.out, parse_constant=lambda name: pytest.fail(name))
+    assert doc["total"]["cost_usd"] == 0 and doc["total"]["unpriced"] == 1
+    assert "not a finite number (claude-sonnet-4)" in captured.err

@@ -64,6 +64,22 @@ def run(args: argparse.Namespace) -> int:
         with Ledger.open(location) as ledger:
             rows = ledger.report(args.by, since=args.since, until=args.until, mission=args.mission)
     total = total_of(rows)
+    status = 0
+    if any(not -_INF < row["cost_usd"] < _INF for row in rows):
+        # Only an older cage could store a NaN/inf cost; it would poison every total (and
+        # make --json invalid). Say which groups, report them as unpriced, exit 1.
+        bad = ", ".join(str(row["key"]) for row in rows if not -_INF < row["cost_usd"] < _INF)
+        print(
+            f"cage: the ledger {location} holds a cost that is not a finite number ({bad}); "
+            "it is left out of the dollar totals: re-import those calls into a new ledger",
+            file=sys.stderr,
+        )
+        for row in rows:
+            if not -_INF < row["cost_usd"] < _INF:
+                row["cost_usd"] = 0.0
+                row["unpriced"] = row["calls"]
+        total = total_of(rows)
+        status = 1
 
     if args.json:
         document = {
@@ -85,7 +101,10 @@ def run(args: argparse.Namespace) -> int:
         _print_table(args.by, rows, total)
     if note and not args.json:
         print(f"cage: {note}", file=sys.stderr)
-    return 0
+    return status
+
+
+_INF = float("inf")
 
 
 def _json_row(row: dict) -> dict:
