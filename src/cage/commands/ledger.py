@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from cage.errors import UsageError
 
@@ -41,4 +42,12 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps({"path": location, "from": origin, "exists": exists}, indent=2))
     else:
         print(location)
+    if exists and os.path.isdir(os.path.expanduser(location)):
+        # Every command that opens it would fail: say so here, where the user looks first.
+        print(
+            f"cage: {location} ({origin}) is a directory, not a ledger file; point "
+            "CAGE_LEDGER / --ledger at a file inside it, e.g. ledger.db",
+            file=sys.stderr,
+        )
+        return 1
     return 0
