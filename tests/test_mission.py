@@ -225,3 +225,16 @@ def test_a_grace_period_that_never_ends_or_is_negative_is_refused(grace, tmp_pat
     options = mission.MissionOptions(argv=["true"], repo=str(tmp_path), grace_s=grace)
     with pytest.raises(UsageError, match="--grace must be a finite number"):
         mission.run_mission(options)
+
+
+def test_an_outcomes_file_in_the_way_is_refused_before_the_agent_starts(git_repo, tmp_path):
+    # It used to surface only when the receipt was due, as a traceback, after the spend.
+    git_repo.write(".runcap/outcomes", "not a folder\n")
+    git_repo.commit("outcomes is a file")
+    marker = tmp_path / "agent-ran"
+    options = mission.MissionOptions(argv=["touch", str(marker)], repo=str(git_repo.path))
+    from cage.errors import CageError
+
+    with pytest.raises(CageError, match=r"outcomes is not a directory"):
+        mission.run_mission(options)
+    assert not marker.exists()

@@ -215,3 +215,13 @@ def test_a_huge_mission_id_is_refused_without_echoing_all_of_it():
         outcome.check_mission_id("9" * 5000)
     assert "(5000 characters)" in caught.value.message
     assert len(caught.value.message) < 300
+
+
+def test_write_receipt_that_cannot_be_written_is_a_receipt_error(tmp_path):
+    (tmp_path / "outcomes").write_text("a file where a folder should be\n")
+    with pytest.raises(ReceiptError, match="cannot write the receipt"):
+        outcome.write_receipt(tmp_path / "outcomes" / "m1" / "receipt.json", {"id": "m1"})
+    (tmp_path / "m2" / "receipt.json").mkdir(parents=True)
+    with pytest.raises(ReceiptError, match="Is a directory"):
+        outcome.write_receipt(tmp_path / "m2" / "receipt.json", {"id": "m2"})
+    assert [p.name for p in (tmp_path / "m2").iterdir()] == ["receipt.json"]  # no temp left

@@ -488,6 +488,13 @@ def run_mission(options: MissionOptions) -> MissionResult:
         except ReceiptError as exc:
             raise UsageError(f"--id: {exc}") from None
         path = outcome.receipt_path(root, mission_id)
+        for folder in (path.parent.parent.parent, path.parent.parent):
+            if folder.exists() and not folder.is_dir():
+                # Found now, before the agent spends anything, not when the receipt is due.
+                raise CageError(
+                    f"{folder} is not a directory: the mission's receipt goes under "
+                    f"{path.parent.parent}; move that file away"
+                )
         if path.exists():
             raise UsageError(
                 f"a receipt for mission {mission_id} already exists ({path}); choose another --id"
@@ -699,7 +706,21 @@ def run_mission(options: MissionOptions) -> MissionResult:
         "spend_statement": spend_statement,
     }
     with _shielded(threading.Event()):
-        written = outcome.write_receipt(path, receipt)
+        try:
+            written = outcome.write_receipt(path, receipt)
+        except ReceiptError as exc:
+            # The agent has run and spent: keep its receipt somewhere rather than nowhere.
+            import tempfile
+
+            fallback = Path(tempfile.gettempdir()) / f"cage-receipt-{mission_id}.json"
+            try:
+                outcome.write_receipt(fallback, receipt)
+            except ReceiptError:
+                raise exc from None
+            raise ReceiptError(
+                f"{exc.message}; the receipt was saved to {fallback} instead (verdict "
+                f"{verdict}; the agent's work is kept at {snapshot.ref}, its spend in the ledger)"
+            ) from None
     if interrupted:
         code = EXIT_INTERRUPTED
     else:

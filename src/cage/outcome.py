@@ -133,18 +133,25 @@ def write_receipt(path: str | os.PathLike[str], receipt: dict[str, Any]) -> Path
     """Write ``receipt`` as JSON to ``path`` atomically (temporary file in the same folder,
     fsync, rename): a reader never sees half a receipt, and a crash leaves none."""
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
     data = (json.dumps(receipt, indent=2, ensure_ascii=False, sort_keys=False) + "\n").encode()
-    fd, tmp = tempfile.mkstemp(prefix=".receipt-", suffix=".tmp", dir=target.parent)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".receipt-", suffix=".tmp", dir=target.parent)
+    except OSError as exc:
+        raise ReceiptError(f"{target}: cannot write the receipt ({exc.strerror or exc})") from None
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, target)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(exc, OSError):  # a full disk, a directory in the receipt's place...
+            raise ReceiptError(
+                f"{target}: cannot write the receipt ({exc.strerror or exc})"
+            ) from None
         raise
     return target
 
