@@ -870,3 +870,24 @@ def test_cli_refuses_a_cap_or_warning_that_could_never_fire(flag, value, capsys)
 
     assert main(["proxy", "--mock", "--port", "0", flag, value]) == 2
     assert flag in capsys.readouterr().err
+
+
+def test_cli_log_lines_carry_the_prefix_once(tmp_path):
+    # A refusal was logged as "cage proxy: cage proxy: refused ...".
+    env = dict(os.environ, CAGE_LEDGER=str(tmp_path / "cli.db"))
+    argv = [sys.executable, "-m", "cage", "proxy", "--mock", "--port", "0", "--json"]
+    process = subprocess.Popen(
+        [*argv, "--budget-usd", "0.000001"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        info = json.loads(process.stdout.readline())
+        assert call(info["url"], "/v1/chat/completions", chat())[0] == 429
+    finally:
+        process.send_signal(signal.SIGINT)
+        _out, err = process.communicate(timeout=20)
+    assert "cage proxy: refused" in err
+    assert "cage proxy: cage proxy:" not in err

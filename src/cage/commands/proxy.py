@@ -85,8 +85,15 @@ def run(args: argparse.Namespace) -> int:
 
     from cage import proxy
 
+    class _Prefixed(logging.Formatter):
+        # Some proxy messages carry the prefix already (it also serves `cage mission run`,
+        # which installs no handler): add it only where it is missing.
+        def format(self, record: logging.LogRecord) -> str:
+            text = super().format(record)
+            return text if text.startswith("cage proxy: ") else "cage proxy: " + text
+
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("cage proxy: %(message)s"))
+    handler.setFormatter(_Prefixed("%(message)s"))
     proxy.log.addHandler(handler)
     proxy.log.setLevel(logging.WARNING if args.quiet else logging.INFO)
     proxy.log.propagate = False
