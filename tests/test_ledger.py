@@ -508,3 +508,12 @@ def test_a_nan_or_infinite_cost_is_refused_and_the_total_stays_finite(tmp_path):
     (row,) = ledger.report("model")
     assert row["cost_usd"] == 0.25
     ledger.close()
+
+
+def test_a_tilde_for_an_unknown_user_is_kept_as_written(monkeypatch, tmp_path):
+    # Path.expanduser raised RuntimeError (a traceback) for "~nosuchuser/...".
+    monkeypatch.setenv("CAGE_LEDGER", "~nosuchuser-cage-qa/x.db")
+    assert default_ledger_path() == Path("~nosuchuser-cage-qa/x.db")
+    monkeypatch.chdir(tmp_path)
+    Ledger.open("~nosuchuser-cage-qa/y.db").close()
+    assert (tmp_path / "~nosuchuser-cage-qa" / "y.db").is_file()

@@ -601,7 +601,8 @@ def default_ledger_path() -> Path:
     """
     env = os.environ.get("CAGE_LEDGER")
     if env:
-        return Path(env).expanduser()
+        # os.path.expanduser leaves "~nosuchuser" as it is; Path.expanduser raises.
+        return Path(os.path.expanduser(env))
     return _user_data_dir() / "cage" / "ledger.db"
 
 
@@ -732,7 +733,7 @@ class Ledger:
                 f"unsupported ledger location {_redact_url(location)}: "
                 "give a file path (SQLite) instead"
             )
-        return SQLiteLedger(Path(location).expanduser())
+        return SQLiteLedger(Path(os.path.expanduser(location)))
 
     # The storage interface every backend implements.
     def add(self, event: Event) -> bool:

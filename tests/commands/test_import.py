@@ -84,3 +84,10 @@ def test_unreadable_file_is_named_and_the_rest_imported(tmp_path: Path):
     assert doc["imported"] == 1
     assert doc["failures"][0]["file"] == str(target)
     assert str(target) in done.stderr
+
+
+def test_a_path_with_a_tilde_for_an_unknown_user_is_a_missing_file_not_a_traceback(capsys):
+    from cage.cli import main
+
+    assert main(["import", "jsonl", "~nosuchuser-cage-qa/x.jsonl"]) == 1
+    assert "~nosuchuser-cage-qa/x.jsonl: no such file" in capsys.readouterr().out

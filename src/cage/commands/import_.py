@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import sys
 
 from cage.errors import TranscriptError
@@ -97,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
     if args.paths:
         roots = []
         for given in args.paths:
-            path = Path(given).expanduser()
+            path = Path(os.path.expanduser(given))  # never raises for "~nosuchuser"
             if path.exists():
                 roots.append(path)
             else:
