@@ -225,3 +225,12 @@ def test_write_receipt_that_cannot_be_written_is_a_receipt_error(tmp_path):
     with pytest.raises(ReceiptError, match="Is a directory"):
         outcome.write_receipt(tmp_path / "m2" / "receipt.json", {"id": "m2"})
     assert [p.name for p in (tmp_path / "m2").iterdir()] == ["receipt.json"]  # no temp left
+
+
+def test_a_receipt_with_an_infinite_or_nan_spend_is_malformed():
+    # It was accepted and made the Verified Outcome Cost inf/NaN (and `--json` invalid).
+    for bad in ("Infinity", "NaN", "1e400"):
+        doc = receipt("m1")
+        text = json.dumps(doc).replace('"total_usd": 0.1', f'"total_usd": {bad}')
+        with pytest.raises(ReceiptError, match=r"'spend\.total_usd' is not a number"):
+            outcome.parse_receipt(text.encode(), "r.json")

@@ -162,7 +162,13 @@ def _need(cond: bool, where: str, what: str) -> None:
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    # json.loads reads NaN, Infinity and 1e400: one such spend made the VOC NaN/inf and the
+    # --json output invalid, so a receipt holding one is malformed.
+    return (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and -float("inf") < value < float("inf")
+    )
 
 
 def parse_receipt(data: bytes, where: str) -> dict[str, Any]:
