@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import subprocess
 import textwrap
 
@@ -699,7 +700,12 @@ def test_deeply_nested_source_is_handled() -> None:
     body = ("x = " + "(" * 5000 + "1" + ")" * 5000 + "\n").encode()
     assert [f.code for f in scan_change(PATH, None, body)] == ["unparseable_python"]
     long_chain = ("x = " + " + ".join(["1"] * 20000) + "\n").encode()
-    assert [f.code for f in scan_change(PATH, None, long_chain)] == ["unparseable_python"]
+    try:  # CPython 3.11+ refuses this chain (parser recursion limit); 3.10 parses it
+        ast.parse(long_chain)
+        expected = []  # parsed: scanned like any other code, and harmless
+    except (RecursionError, SyntaxError, MemoryError):
+        expected = ["unparseable_python"]
+    assert [f.code for f in scan_change(PATH, None, long_chain)] == expected
 
 
 def test_too_large_file_is_a_finding() -> None:
