@@ -104,6 +104,19 @@ def test_provider_inferred_and_extra_keeps_only_counts_and_ids():
     assert fields["timestamp"] == "2025-11-20T10:00:00Z"
 
 
+def test_extra_never_keeps_short_content_under_a_content_key():
+    fields = event_fields(
+        {
+            "timestamp": 1763632800,
+            "model": "gpt-4o-mini",
+            "prompt_tokens": 1,
+            "completion_tokens": 1,
+            "extra": {"prompt": "secret", "Answer": "42", "messages": "hi", "span": "s-9"},
+        }
+    )
+    assert fields["extra"] == {"span": "s-9"}
+
+
 def test_missing_file_exits_1(tmp_path, ledger_db, capsys):
     code = main(["import", "jsonl", str(tmp_path / "absent.jsonl")])
     captured = capsys.readouterr()

@@ -17,7 +17,8 @@ or ``meter()`` under that id is not counted again); a line without one gets
 imported twice, is recorded once. Two distinct calls identical in every field (same
 timestamp, model and counts) would also collapse; give them request ids to keep both.
 
-``extra`` keeps numbers, booleans and short strings only (ids, labels): never content.
+``extra`` keeps numbers, booleans and short strings only (ids, labels), and never a key that
+names content (``prompt``, ``messages``, ``answer``…): counts, never content.
 """
 
 from __future__ import annotations
@@ -40,6 +41,15 @@ from cage.importers.common import (
 SOURCE = "jsonl"
 TRUTH_LABELS = ("measured", "modeled", "estimated")
 MAX_EXTRA_STRING = 200
+# Keys that name what was said, not a count or an id: dropped whatever their value, so a short
+# prompt or answer never reaches the ledger.
+CONTENT_KEYS = frozenset(
+    {
+        "prompt", "prompts", "completion", "completions", "content", "contents", "text",
+        "message", "messages", "input", "output", "response", "responses", "query",
+        "question", "answer", "system", "instructions", "body",
+    }
+)  # fmt: skip
 
 # (alias, field): the first alias present wins; the canonical name is listed first.
 _TOKEN_ALIASES: tuple[tuple[str, tuple[str, ...]], ...] = (
@@ -196,11 +206,14 @@ def event_fields(obj: dict) -> dict:
 
 
 def _counts_and_ids(extra: Any) -> dict:
-    """The scalar entries of ``extra`` (numbers, booleans, short strings); the rest dropped."""
+    """The scalar entries of ``extra`` (numbers, booleans, short strings) whose key does not
+    name content (``CONTENT_KEYS``); the rest dropped."""
     if not isinstance(extra, dict):
         return {}
     kept: dict[str, Any] = {}
     for key, value in extra.items():
+        if str(key).lower() in CONTENT_KEYS:
+            continue
         short_text = isinstance(value, str) and len(value) <= MAX_EXTRA_STRING
         if value is None or isinstance(value, (bool, int, float)) or short_text:
             kept[str(key)] = value
