@@ -411,25 +411,23 @@ def test_spend_evidence_file(project, capsys, tmp_path):
     assert doc["spend"]["evidence_path"] == str(evidence)
 
 
-def test_spend_evidence_file_missing(project, capsys, tmp_path):
+def test_spend_evidence_file_missing_is_a_usage_error(project, capsys, tmp_path):
+    """A path the workflow names but that is not there must not read as "no evidence"."""
+    from cage.cli import main
+
     set_policy(project, spend_evidence="required")
     project.fix()
     head = project.commit("fix")
     gone = tmp_path / "gone.json"
-    code, doc, _ = run_ci(
-        capsys,
-        "--repo",
-        str(project.path),
-        "--base",
-        project.base,
-        "--head",
-        head,
-        "--spend-evidence",
-        str(gone),
-    )
-    assert code == 3 and invalid_checks(doc) == ["unreadable"]
-    reason = next(r for r in doc["reasons"] if r["code"] == "spend_evidence_invalid")
-    assert "cannot read --spend-evidence" in reason["message"] and "path" not in reason
+    args = ["ci", "--json", "--repo", str(project.path), "--base", project.base, "--head", head]
+    code = main([*args, "--spend-evidence", str(gone)])
+    out, err = capsys.readouterr()
+    assert (code, out) == (2, "")
+    assert f"--spend-evidence {gone}: no such file" in err
+    code = main([*args, "--spend-evidence", str(tmp_path)])
+    out, err = capsys.readouterr()
+    assert (code, out) == (2, "")
+    assert "is a directory, not a file" in err
 
 
 # -- receipts are exempt from scope and verifier findings, and only receipts ---------------

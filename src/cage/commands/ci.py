@@ -12,6 +12,7 @@ import io
 import json
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 from cage.errors import UsageError
@@ -75,9 +76,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--mode",
         choices=("adjudicate", "grade", "spend"),
-        required=True,
-        help="adjudicate: replay the verify command and print a verdict; grade: an advisory "
-        "report of the mission receipts in the change (claimed, not attested; never gates); "
+        default="adjudicate",
+        help="adjudicate (default): replay the verify command and print a verdict; "
+        "grade: an advisory report of the mission receipts in the change (claimed, not attested; never gates); "
         "spend: verify the change's signed spend statements only, running none of its code "
         "(the job that holds the attest key)",
     )
@@ -123,6 +124,14 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--spend-elsewhere belongs to --mode adjudicate (the job without the key)")
     # A bad key is a configuration error, reported before anything runs (exit 2).
     key = attest.load_key(args.attest_key_file)
+    # So is an evidence file the workflow names but that is not there: a typo in the path
+    # must not quietly turn into "no evidence".
+    if args.spend_evidence is not None:
+        evidence = Path(args.spend_evidence)
+        if not evidence.exists():
+            raise UsageError(f"--spend-evidence {evidence}: no such file")
+        if evidence.is_dir():
+            raise UsageError(f"--spend-evidence {evidence}: is a directory, not a file")
     if key is not None and args.spend_elsewhere:
         print(
             "cage: warning: an attest key is set in the job that runs the change's code; "
