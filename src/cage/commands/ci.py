@@ -78,7 +78,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=("adjudicate", "grade", "spend"),
         default="adjudicate",
         help="adjudicate (default): replay the verify command and print a verdict; "
-        "grade: an advisory report of the mission receipts in the change (claimed, not attested; never gates); "
+        "grade: an advisory report of the mission receipts in the change "
+        "(claimed, not attested; never gates); "
         "spend: verify the change's signed spend statements only, running none of its code "
         "(the job that holds the attest key)",
     )
