@@ -25,7 +25,6 @@ speed. Never message content.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -36,7 +35,7 @@ from cage.importers.common import (
     BadLine,
     ImportReport,
     iter_files,
-    loads_line,
+    load_object,
     normalise_timestamp,
     token_count,
 )
@@ -118,12 +117,7 @@ class FileParser:
             if stripped and not (stripped.startswith(b"{") and stripped.endswith(b"}")):
                 raise BadLine("not a JSON object (malformed or truncated line)")
             return []
-        try:
-            obj = loads_line(raw)
-        except ValueError as exc:
-            raise BadLine(f"malformed JSON ({_json_reason(exc)})") from None
-        if not isinstance(obj, dict):
-            raise BadLine(f"a JSON {type(obj).__name__}, not an object")
+        obj = load_object(raw)
         record = _usage_record(obj)
         if record is None:
             return []
@@ -269,12 +263,6 @@ def _optional_str(mapping: dict, key: str, name: str) -> str | None:
     if not isinstance(value, str):
         raise BadLine(f"{name} is a {type(value).__name__}, not a string")
     return value
-
-
-def _json_reason(exc: ValueError) -> str:
-    if isinstance(exc, json.JSONDecodeError):
-        return f"{exc.msg} at column {exc.colno}"
-    return "not valid UTF-8"
 
 
 def parse_file(path: str | os.PathLike) -> Iterator[dict]:

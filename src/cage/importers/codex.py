@@ -17,7 +17,6 @@ gets the same id on every import. Counts only, never content.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,6 +26,7 @@ from cage.importers.common import (
     BadLine,
     ImportReport,
     iter_files,
+    load_object,
     normalise_timestamp,
     token_count,
 )
@@ -85,17 +85,7 @@ class FileParser:
             if stripped and not (stripped.startswith(b"{") and stripped.endswith(b"}")):
                 raise BadLine("not a JSON object (malformed or truncated line)")
             return []
-        try:
-            obj = json.loads(raw)
-        except ValueError as exc:
-            reason = (
-                f"{exc.msg} at column {exc.colno}"
-                if isinstance(exc, json.JSONDecodeError)
-                else "not valid UTF-8"
-            )
-            raise BadLine(f"malformed JSON ({reason})") from None
-        if not isinstance(obj, dict):
-            raise BadLine(f"a JSON {type(obj).__name__}, not an object")
+        obj = load_object(raw)
         kind = obj.get("type")
         payload = obj.get("payload")
         if not isinstance(payload, dict):

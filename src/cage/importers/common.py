@@ -173,6 +173,22 @@ def loads_line(raw: bytes) -> Any:
     return json.loads(raw.decode("utf-8"))
 
 
+def load_object(raw: bytes) -> dict:
+    """The JSON object on one line (``loads_line``); ``BadLine`` naming why it is not one."""
+    try:
+        obj = loads_line(raw)
+    except ValueError as exc:
+        reason = (
+            f"{exc.msg} at column {exc.colno}"
+            if isinstance(exc, json.JSONDecodeError)
+            else "not valid UTF-8"
+        )
+        raise BadLine(f"malformed JSON ({reason})") from None
+    if not isinstance(obj, dict):
+        raise BadLine(f"a JSON {type(obj).__name__}, not an object")
+    return obj
+
+
 def _is_complete_json(raw: bytes) -> bool:
     try:
         json.loads(raw)

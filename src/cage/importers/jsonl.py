@@ -34,6 +34,7 @@ from cage.importers.common import (
     BadLine,
     ImportReport,
     iter_files,
+    load_object,
     normalise_timestamp,
     token_count,
 )
@@ -103,17 +104,7 @@ class FileParser:
         """The event on one line (or none for a blank line); ``BadLine`` when unusable."""
         if not raw.strip():
             return []
-        try:
-            obj = json.loads(raw)
-        except ValueError as exc:
-            reason = (
-                f"{exc.msg} at column {exc.colno}"
-                if isinstance(exc, json.JSONDecodeError)
-                else "not valid UTF-8"
-            )
-            raise BadLine(f"malformed JSON ({reason})") from None
-        if not isinstance(obj, dict):
-            raise BadLine(f"a JSON {type(obj).__name__}, not an object")
+        obj = load_object(raw)
         return [(None, (), event_fields(obj))]
 
 
