@@ -167,6 +167,7 @@ def main() -> None:
         env = cage_env(root / "pycache")
         for n, k in enumerate(int(x) for x in args.changes.split(",")):
             head = make_head(repo, base, k)
+            os.sync()  # the set-up's writes must not land on either side's timing
             if n == 0:
                 cage_run(repo, base, head, env)  # warm-up: fills the bytecode cache
             floors, cages = [], []
