@@ -37,6 +37,7 @@ from cage.importers.common import (
     iter_files,
     load_object,
     normalise_timestamp,
+    parse_lines,
     token_count,
 )
 
@@ -270,11 +271,4 @@ def parse_file(path: str | os.PathLike) -> Iterator[dict]:
 
     Bad lines are skipped; use ``cage import claude-code`` for the accounting.
     """
-    parser = FileParser(Path(path))
-    with open(path, "rb") as handle:
-        for number, raw in enumerate(handle, 1):
-            try:
-                for _key, _rank, fields in parser.parse(raw, number):
-                    yield fields
-            except BadLine:
-                continue
+    return parse_lines(FileParser(Path(path)), path)

@@ -28,6 +28,7 @@ from cage.importers.common import (
     iter_files,
     load_object,
     normalise_timestamp,
+    parse_lines,
     token_count,
 )
 from cage.pricing import normalise_openai
@@ -171,11 +172,4 @@ def _usage(info: dict, key: str) -> dict[str, int] | None:
 
 def parse_file(path: str | os.PathLike) -> Iterator[dict]:
     """Every event field set in one rollout (pure: no ledger, no state); bad lines skipped."""
-    parser = FileParser(Path(path))
-    with open(path, "rb") as handle:
-        for number, raw in enumerate(handle, 1):
-            try:
-                for _key, _rank, fields in parser.parse(raw, number):
-                    yield fields
-            except BadLine:
-                continue
+    return parse_lines(FileParser(Path(path)), path)

@@ -189,6 +189,18 @@ def load_object(raw: bytes) -> dict:
     return obj
 
 
+def parse_lines(parser: Any, path: str | os.PathLike) -> Iterator[dict]:
+    """Every event field set ``parser`` (a ``FileParser``) finds in ``path``, bad lines
+    skipped: the pure reading behind each importer's ``parse_file`` (no ledger, no state)."""
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, 1):
+            try:
+                for _key, _rank, fields in parser.parse(raw, number):
+                    yield fields
+            except BadLine:
+                continue
+
+
 def _is_complete_json(raw: bytes) -> bool:
     try:
         json.loads(raw)

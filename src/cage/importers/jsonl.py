@@ -36,6 +36,7 @@ from cage.importers.common import (
     iter_files,
     load_object,
     normalise_timestamp,
+    parse_lines,
     token_count,
 )
 
@@ -213,11 +214,4 @@ def _counts_and_ids(extra: Any) -> dict:
 
 def parse_file(path: str | os.PathLike) -> Iterator[dict]:
     """Every event field set in one file (pure: no ledger, no state); bad lines skipped."""
-    parser = FileParser(Path(path))
-    with open(path, "rb") as handle:
-        for number, raw in enumerate(handle, 1):
-            try:
-                for _key, _rank, fields in parser.parse(raw, number):
-                    yield fields
-            except BadLine:
-                continue
+    return parse_lines(FileParser(Path(path)), path)
