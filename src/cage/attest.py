@@ -42,6 +42,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from cage.errors import UsageError
+from cage.fileio import read_no_wait
 
 SCHEMA = "cage.spend-statement/v1"
 ALG = "HMAC-SHA256"
@@ -94,18 +95,6 @@ def key_id(key: bytes) -> str:
     return hashlib.sha256(key).hexdigest()[:8]
 
 
-def _read_no_wait(path: str | os.PathLike[str], limit: int) -> bytes:
-    """Up to ``limit`` bytes of ``path``; a FIFO with no writer reads empty instead of hanging.
-
-    O_NONBLOCK keeps open() from waiting for a writer; the read is then blocking, so a pipe
-    with a writer (`<(...)`) is read to its end. OSError as open() raises it.
-    """
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-    with open(fd, "rb") as fh:
-        os.set_blocking(fd, True)
-        return fh.read(limit)
-
-
 def check_key(key: bytes, where: str) -> bytes:
     """``key`` when it is long enough; UsageError naming ``where`` (never the key) if not."""
     if len(key) < MIN_KEY_BYTES:
@@ -130,7 +119,7 @@ def load_key(
     """
     if key_file is not None:
         try:
-            raw = _read_no_wait(key_file, 64 * 1024)
+            raw = read_no_wait(key_file, 64 * 1024)
         except OSError as exc:
             raise UsageError(
                 f"cannot read the attest key file {os.fspath(key_file)}: "
@@ -573,7 +562,7 @@ def gather(
         data: bytes | None = None
         error = None
         try:
-            data = _read_no_wait(evidence_path, MAX_EVIDENCE_BYTES + 1)
+            data = read_no_wait(evidence_path, MAX_EVIDENCE_BYTES + 1)
         except OSError as exc:
             error = f"cannot read --spend-evidence {evidence_path}: {exc.strerror or exc}"
         out.extend(evidence_from_file(evidence_path, data, error))

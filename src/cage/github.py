@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from cage.adjudicate import Reason, Verdict, rule_of
+from cage.fileio import read_no_wait
 
 # The events whose payload names a base and a head cage can adjudicate, and where their SHAs
 # live. Everything else is refused: see UNTRUSTED_EVENTS for why the usual suspects are.
@@ -75,12 +76,8 @@ def revisions_from_event(env: Mapping[str, str]) -> tuple[str, str] | Reason:
     if not path:
         return Reason("bad_event", f"GITHUB_EVENT_PATH is unset: cannot read the {name} event")
     try:
-        # O_NONBLOCK: a FIFO nobody writes to must not hang the gate in open(); read blocking
-        # after that (a FIFO without a writer reads empty, which is then not valid JSON).
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-        with open(fd, "rb") as fh:
-            os.set_blocking(fd, True)
-            raw = fh.read(MAX_EVENT_BYTES + 1)
+        # A FIFO without a writer reads empty (then not valid JSON) instead of hanging.
+        raw = read_no_wait(path, MAX_EVENT_BYTES + 1)
     except OSError as exc:
         return Reason("bad_event", f"cannot read the event file {path}: {exc.strerror or exc}")
     if len(raw) > MAX_EVENT_BYTES:

@@ -26,7 +26,6 @@ import hashlib
 import json
 import math
 import os
-import stat
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -151,24 +150,17 @@ def hash_policy(data: bytes) -> str:
 
 def load_policy_file(path: str | os.PathLike) -> Policy:
     """Read a policy file and load it; errors name ``path`` as given."""
+    from cage.fileio import NotRegularFile, read_no_wait
+
     source = os.fspath(path)
     try:
-        # O_NONBLOCK: opening a FIFO must not wait for a writer; fstat then refuses it.
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-        with open(fd, "rb") as handle:
-            mode = os.fstat(fd).st_mode
-            if stat.S_ISDIR(mode):
-                raise IsADirectoryError
-            if stat.S_ISFIFO(mode):
-                # A pipe with a writer (`<(...)`) is read to its end; one without ends at once.
-                os.set_blocking(fd, True)
-            elif not stat.S_ISREG(mode):
-                raise PolicyError(
-                    f"{source}: not a regular file (a socket or device); "
-                    "give the path of the policy YAML file"
-                )
-            # Read one byte past the limit: enough to know it is too big, never more.
-            data = handle.read(MAX_POLICY_BYTES + 1)
+        # Read one byte past the limit: enough to know it is too big, never more.
+        data = read_no_wait(path, MAX_POLICY_BYTES + 1)
+    except NotRegularFile:
+        raise PolicyError(
+            f"{source}: not a regular file (a socket or device); "
+            "give the path of the policy YAML file"
+        ) from None
     except FileNotFoundError:
         raise PolicyError(
             f"{source}: no mission policy here; run `cage policy init` to create one"
