@@ -491,3 +491,78 @@ def test_infinite_or_nan_cost_in_a_transcript_is_a_bad_line(tmp_path, ledger_db,
     assert (code, doc["imported"], doc["bad_lines"]) == (1, 1, 2)
     assert "costUSD is not a finite" in doc["errors"][0]["message"]
     assert [r["cost_usd"] for r in ledger_rows(ledger_db)] == [0.5]
+
+
+def _import_rows_and_state(capsys, ledger_db, root: Path) -> tuple[int, dict, list, list]:
+    import sqlite3
+
+    code, doc = run_import(capsys, str(root), "--full")
+    rows = [
+        (r["id"], r["request_id"], r["output_tokens"], r["cost_usd"], r["extra"])
+        for r in ledger_rows(ledger_db)
+    ]
+    db = sqlite3.connect(ledger_db)
+    states = db.execute(
+        "SELECT path, offset, line, size FROM import_state ORDER BY path"
+    ).fetchall()
+    db.close()
+    return code, doc, rows, states
+
+
+def _reset_ledger(ledger_db) -> None:
+    for suffix in ("", "-wal", "-shm"):
+        Path(str(ledger_db) + suffix).unlink(missing_ok=True)
+
+
+TRICKY_LINES = [
+    # content that is not UTF-8: the fast decoder skips it unchecked; the line is still bad
+    claude_line("msg_u", "req_u").replace("TOP-SECRET", "\udcff"),  # written as byte 0xff
+    # a lone surrogate in the content: valid for json.loads (the fast decoder refuses it)
+    claude_line("msg_s", "req_s").replace("TOP-SECRET", "\\ud800"),
+    # NaN where a count should be, and inf as a cost: the standard library reads them
+    claude_line("msg_n", "req_n").replace('"output_tokens": 20', '"output_tokens": NaN'),
+    claude_line("msg_i", "req_i").replace('"stop_reason": null', '"x": 1e400'),
+    # usage null, message a string, a nested progress copy, duplicate keys (last one wins)
+    claude_line("msg_z", "req_z").replace('"usage": {', '"usage": null, "u": {'),
+    '{"type": "assistant", "message": "the \\"usage\\" is elsewhere"}',
+    json.dumps(
+        {
+            "type": "progress",
+            "sessionId": "sess-p",
+            "data": {"message": json.loads(claude_line("msg_p", "req_p"))},
+        }
+    ),
+    claude_line("msg_d", "req_d")[:-1] + ', "requestId": "req_dd"}',
+    claude_line("msg_k", "req_k").replace('"model"', '"mod\\u0065l"'),
+]
+
+
+def test_fast_decoder_reads_every_line_as_the_standard_library(
+    tmp_path, ledger_db, capsys, monkeypatch
+):
+    # The fast path (msgspec, only the event's fields) must give exactly what json.loads
+    # gives: the same events, the same bad lines with the same reasons.
+    path = project(tmp_path) / "s.jsonl"
+    path.parent.mkdir(parents=True)
+    with open(path, "w", encoding="utf-8", errors="surrogateescape") as handle:
+        for line in [claude_line("msg_a", "req_a"), *TRICKY_LINES]:
+            handle.write(line + "\n")
+    fast = _import_rows_and_state(capsys, ledger_db, tmp_path / "claude")
+    _reset_ledger(ledger_db)
+    monkeypatch.setattr(claude_code, "_decode_fast", lambda raw: None)
+    general = _import_rows_and_state(capsys, ledger_db, tmp_path / "claude")
+    assert fast == general
+    _code, doc, rows, _states = fast
+    assert [e["message"] for e in doc["errors"]] == [
+        "malformed JSON (not valid UTF-8)",
+        "message.usage.output_tokens = nan is not a whole number",
+        "message.usage is not an object",
+    ]
+    assert {r[1] for r in rows} == {
+        "anthropic:req_a",
+        "anthropic:req_s",
+        "anthropic:req_i",
+        "anthropic:req_p",
+        "anthropic:req_dd",
+        "anthropic:req_k",
+    }

@@ -30,6 +30,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import msgspec
+
 from cage.importers.common import (
     MAX_TOKENS,
     BadLine,
@@ -118,12 +120,62 @@ class FileParser:
             if stripped and not (stripped.startswith(b"{") and stripped.endswith(b"}")):
                 raise BadLine("not a JSON object (malformed or truncated line)")
             return []
+        line = _decode_fast(raw)
+        if line is not None:
+            message = line.message
+            if message is not None and type(message.usage) is dict:
+                return self._event(
+                    raw,
+                    message.model,
+                    message.id,
+                    message.usage,
+                    line.timestamp,
+                    line.requestId,
+                    line.sessionId,
+                    line.isSidechain,
+                    line.version,
+                    line.costUSD,
+                    line.uuid,
+                    line.isApiErrorMessage,
+                )
+        # Anything else (a progress line, no usage, a line the fast decoder refuses) takes
+        # the general path, which decides and names every problem.
         obj = load_object(raw)
         record = _usage_record(obj)
         if record is None:
             return []
         message, usage, outer = record
-        model = message.get("model")
+        return self._event(
+            raw,
+            message.get("model"),
+            message.get("id"),
+            usage,
+            outer.get("timestamp"),
+            outer.get("requestId"),
+            outer.get("sessionId"),
+            outer.get("isSidechain"),
+            outer.get("version"),
+            outer.get("costUSD"),
+            obj.get("uuid"),
+            obj.get("isApiErrorMessage"),
+        )
+
+    def _event(
+        self,
+        raw: bytes,
+        model: Any,
+        message_id: Any,
+        usage: dict,
+        timestamp: Any,
+        request_id: Any,
+        session: Any,
+        is_sidechain: Any,
+        version: Any,
+        cost: Any,
+        line_uuid: Any,
+        api_error: Any,
+    ) -> list[tuple[Any, tuple, dict]]:
+        """The event of one usage record, every field checked (``BadLine`` names a bad one)."""
         if model == SYNTHETIC_MODEL:
             self.skipped += 1
             return []
@@ -163,19 +215,15 @@ class FileParser:
                 extra["cache_write_1h_tokens"] = w1h
         elif breakdown is not None:
             raise BadLine("message.usage.cache_creation is not an object")
-        timestamp = normalise_timestamp(outer.get("timestamp"))
+        timestamp = normalise_timestamp(timestamp)
 
-        message_id = message.get("id")
-        request_id = outer.get("requestId")
-        session = outer.get("sessionId")
         if not (type(message_id) is str and type(request_id) is str and type(session) is str):
-            message_id = _optional_str(message, "id", "message.id")
-            request_id = _optional_str(outer, "requestId", "requestId")
-            session = _optional_str(outer, "sessionId", "sessionId")
+            message_id = _optional_str(message_id, "message.id")
+            request_id = _optional_str(request_id, "requestId")
+            session = _optional_str(session, "sessionId")
         session = session or self.session_from_path
-        sidechain = outer.get("isSidechain") is True
+        sidechain = is_sidechain is True
         speed = usage.get("speed")
-        cost = outer.get("costUSD")
         # "not 0 <= cost < inf" also refuses NaN and Infinity (1e400): one such row made
         # every later report total NaN/inf, and its --json invalid.
         if cost is not None and (
@@ -192,7 +240,6 @@ class FileParser:
             ledger_id = f"{PROVIDER}:{request_id}" if request_id else f"{SOURCE}:{message_id}:-"
             key: Any = (message_id, request_id)
         else:
-            line_uuid = obj.get("uuid")
             if isinstance(line_uuid, str) and line_uuid:
                 ledger_id = f"{SOURCE}:line:{line_uuid}"
             else:
@@ -202,14 +249,13 @@ class FileParser:
         extra["session_id"] = session
         if self.project:
             extra["project"] = self.project
-        version = outer.get("version")
         if isinstance(version, str):
             extra["version"] = version
         if sidechain:
             extra["is_sidechain"] = True
         if isinstance(speed, str):
             extra["speed"] = speed
-        if obj.get("isApiErrorMessage") is True:
+        if api_error is True:
             extra["api_error"] = True
 
         fields = {
@@ -230,6 +276,49 @@ class FileParser:
         total = input_tokens + output_tokens + cache_read + cache_write
         rank = (not sidechain, total, isinstance(speed, str))
         return [(key, rank, fields)]
+
+
+class _Message(msgspec.Struct):
+    id: Any = None
+    model: Any = None
+    usage: Any = None
+
+
+class _Line(msgspec.Struct):
+    """The fields of an assistant line that an event needs; everything else is skipped."""
+
+    message: _Message | None = None  # any other type: the general path decides
+    timestamp: Any = None
+    requestId: Any = None
+    sessionId: Any = None
+    isSidechain: Any = None
+    version: Any = None
+    costUSD: Any = None
+    uuid: Any = None
+    isApiErrorMessage: Any = None
+
+
+_decode_line = msgspec.json.Decoder(_Line).decode
+
+
+def _decode_fast(raw: bytes) -> _Line | None:
+    """The line's event fields, decoded without building the rest (message content is most
+    of a line), or None when the general path must decide.
+
+    msgspec checks the whole line's syntax but not that skipped strings are UTF-8, so a line
+    that is not ASCII is first checked to be UTF-8. Whatever msgspec refuses (NaN, 1e400, a
+    lone surrogate, a message that is not an object) is left to the standard library, so a
+    line reads exactly as ``json.loads`` reads it.
+    """
+    if not raw.isascii():
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+    try:
+        return _decode_line(raw)
+    except (msgspec.DecodeError, RecursionError):
+        return None
 
 
 def _usage_record(obj: dict) -> tuple[dict, dict, dict] | None:
@@ -257,8 +346,7 @@ def _usage_record(obj: dict) -> tuple[dict, dict, dict] | None:
     return None
 
 
-def _optional_str(mapping: dict, key: str, name: str) -> str | None:
-    value = mapping.get(key)
+def _optional_str(value: Any, name: str) -> str | None:
     if value is None or value == "":
         return None
     if not isinstance(value, str):
