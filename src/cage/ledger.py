@@ -459,6 +459,23 @@ class RowBatch:
         self.rows, self.short, self.sums = state
         self._extras = {}
 
+    @classmethod
+    def combine(cls, parts: Sequence[RowBatch]) -> RowBatch:
+        """One batch holding the rows of ``parts``, in order, and their summed rollups."""
+        whole = cls()
+        sums = whole.sums
+        for part in parts:
+            whole.rows.extend(part.rows)
+            whole.short.extend(part.short)
+            for key, values in part.sums.items():
+                have = sums.get(key)
+                if have is None:
+                    sums[key] = list(values)
+                else:
+                    for i, value in enumerate(values):
+                        have[i] += value
+        return whole
+
     def add_event(self, event: Event) -> None:
         """Add one Event, validated (:class:`LedgerError` names what is wrong)."""
         self._add(*_event_row(event))

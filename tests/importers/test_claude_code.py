@@ -566,3 +566,44 @@ def test_fast_decoder_reads_every_line_as_the_standard_library(
         "anthropic:req_dd",
         "anthropic:req_k",
     }
+
+
+@pytest.mark.parametrize("readers", [2, 3])
+def test_several_readers_write_what_one_reader_writes(
+    tmp_path, ledger_db, capsys, monkeypatch, readers
+):
+    # Readers parse files in parallel, the writer takes them in file order: the same rows
+    # in the same order (so the same copy of a call kept across files), the same report
+    # (bad lines listed in file order) and the same saved state.
+    import cage.importers.common as common
+
+    monkeypatch.setattr(common, "PIPELINE_MIN_BYTES", 0)
+    monkeypatch.setattr(common, "BATCH_SIZE", 4)
+    for n in range(5):
+        lines = [
+            claude_line(f"msg_{n}_{i}", f"req_{n}_{i}", output_tokens=i + 1, session=f"s{n}")
+            for i in range(3 + 4 * n)
+        ]
+        # the same call as in the previous file (a resumed session), and a bad line
+        lines.insert(1, claude_line(f"msg_{n - 1}_0", f"req_{n - 1}_0", session=f"s{n}"))
+        lines.insert(2 + n, "{broken")
+        write_lines(project(tmp_path) / f"s{n}.jsonl", lines)
+        write_lines(
+            project(tmp_path) / f"s{n}" / "subagents" / "agent-1.jsonl",
+            [claude_line(f"msg_{n}_1", f"req_{n}_1", output_tokens=999, sidechain=True)],
+        )
+    monkeypatch.setattr(common, "reader_count", lambda total, files: 1)
+    one = _import_rows_and_state(capsys, ledger_db, tmp_path / "claude")
+    _reset_ledger(ledger_db)
+    monkeypatch.setattr(common, "reader_count", lambda total, files: readers)
+    several = _import_rows_and_state(capsys, ledger_db, tmp_path / "claude")
+    assert several == one
+    code, doc, rows, states = several
+    assert (code, doc["files"], doc["bad_lines"]) == (1, 10, 5)
+    assert [(e["file"].rsplit("/", 1)[1], e["line"]) for e in doc["errors"]] == [
+        (f"s{n}.jsonl", 3 + n) for n in range(5)
+    ]
+    kept = {r[1]: (r[2], json.loads(r[4])["session_id"]) for r in rows}
+    assert kept["anthropic:req_1_1"] == (2, "s1")  # the main copy, not the sidechain's 999
+    assert kept["anthropic:req_0_0"] == (1, "s0")  # the first file's copy
+    assert len(states) == 10

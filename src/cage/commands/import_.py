@@ -86,8 +86,9 @@ def run(args: argparse.Namespace) -> int:
         can_pipeline,
         import_files,
         import_files_pipelined,
+        reader_count,
     )
-    from cage.ledger import Ledger
+    from cage.ledger import Ledger, RowBatch
 
     if not getattr(args, "source", None):
         raise UsageError("say what to import: cage import claude-code|codex|jsonl [PATH ...]")
@@ -128,7 +129,8 @@ def run(args: argparse.Namespace) -> int:
     prepare, write = _ledger_writer(ledger)
     try:
         if total >= PIPELINE_MIN_BYTES and can_pipeline():
-            # Parsing and writing each take about half the time: one process each.
+            # Parsing costs about twice what writing does: readers in parallel (one per
+            # CPU), this process writes.
             import_files_pipelined(
                 importer.SOURCE,
                 files,
@@ -141,6 +143,8 @@ def run(args: argparse.Namespace) -> int:
                 full=args.full,
                 window=window,
                 prepare=prepare,
+                combine=RowBatch.combine,
+                readers=reader_count(total, len(files)),
             )
         else:
             progress = Progress(total, f"importing {args.source}")

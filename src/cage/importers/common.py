@@ -736,11 +736,13 @@ def _checkpoint(resume: FileState, position: tuple[int, int], parser: Any) -> Fi
 
 
 # ---------------------------------------------------------------------------------------------
-# Two processes: one reads and parses, the other prices and writes
+# Several processes: readers parse (and prepare rows), this one writes
 
 
 # Below this many bytes to read, a second process costs more than it saves.
 PIPELINE_MIN_BYTES = 64 * 1024 * 1024
+# At most this many reader processes: beyond it the single writer is the limit.
+MAX_READERS = 4
 
 
 def can_pipeline() -> bool:
@@ -750,28 +752,53 @@ def can_pipeline() -> bool:
     return sys.platform != "darwin" and "fork" in multiprocessing.get_all_start_methods()
 
 
-class _SendSink:
-    """In the reader process: a batch goes down the pipe instead of into the ledger.
+def reader_count(total_bytes: int, files: int) -> int:
+    """How many reader processes an import of ``files`` files, ``total_bytes`` in all, gets.
 
-    ``prepare`` (when given) turns the batch into what the writer's sink takes, here in the
+    One per CPU this process may run on (parsing costs about twice what writing does, so on
+    two CPUs two readers and the writer share them best), at most ``MAX_READERS``, at most
+    one per file and per ``PIPELINE_MIN_BYTES`` of input.
+    """
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # pragma: no cover - platforms without affinity
+        cpus = os.cpu_count() or 1
+    return max(1, min(MAX_READERS, cpus, files, total_bytes // max(PIPELINE_MIN_BYTES, 1)))
+
+
+class _SendSink:
+    """In a reader process: batches, states and the end of each file go down the pipe.
+
+    ``prepare`` (when given) turns a batch into what the writer's sink takes, here in the
     reader: the per-row work (pricing, row building) then runs beside the writer's SQL
-    instead of before it, and ready rows pickle smaller than dicts.
+    instead of before it, and ready rows pickle smaller than dicts. Each message carries the
+    bytes read since the last one, for the writer's progress line.
     """
 
     def __init__(self, conn: Any, prepare: Any = None) -> None:
         self.conn = conn
         self.prepare = prepare
+        self.done = 0  # bytes read and not yet reported
+
+    def advance(self, nbytes: int) -> None:
+        """Progress (the importer's ``progress.advance``): counted, sent with the next message."""
+        self.done += nbytes
+
+    def send(self, kind: str, payload: Any) -> None:
+        """One message: ``(kind, payload, bytes read since the last message)``."""
+        done, self.done = self.done, 0
+        self.conn.send((kind, payload, done))
 
     def __call__(self, batch: list[dict]) -> tuple[int, int]:
-        self.conn.send(("events", self.prepare(batch) if self.prepare else batch))
+        self.send("events", self.prepare(batch) if self.prepare else batch)
         return 0, 0  # counted by the writer
 
     def put_many(self, source: str, states: list[FileState]) -> None:
-        self.conn.send(("states", states))
+        self.send("states", states)
 
 
 class _ReaderState:
-    """In the reader process: saved state is read from the file, and saving is sent on."""
+    """In a reader process: saved state is read from the file, and saving is sent on."""
 
     def __init__(self, store: StateStore, sink: _SendSink) -> None:
         self.store = store
@@ -784,14 +811,17 @@ class _ReaderState:
         self.sink.put_many(source, states)
 
 
-def _reader_main(conn: Any, job: dict) -> None:
-    """The reader process: parse every file, send batches, then the report."""
+def _reader_main(conn: Any, job: dict, first: int, step: int) -> None:
+    """A reader process: files ``first``, ``first + step``, ... of the job, in order.
+
+    After each file it sends that file's events and state, then ``next``: the writer takes
+    the files in the order of the list, whichever reader parsed them.
+    """
     try:
         sink = _SendSink(conn, job.get("prepare"))
         store = StateStore(job["state_path"])
         try:
             report = ImportReport(source=job["report_source"])
-            progress = Progress(job["total_bytes"], job["label"])
             importer = _Importer(
                 job["source"],
                 job["make_parser"],
@@ -799,25 +829,30 @@ def _reader_main(conn: Any, job: dict) -> None:
                 _ReaderState(store, sink),  # type: ignore[arg-type]
                 report,
                 job["window"],
-                progress,
+                sink,  # type: ignore[arg-type]  # counts progress
             )
-            for path in job["files"]:
-                importer.run_file(path, job["full"])
-            importer.flush()
-            progress.finish()
+            files = job["files"]
+            for index in range(first, len(files), step):
+                importer.run_file(files[index], job["full"])
+                importer.flush()
+                sink.send("next", None)
         finally:
             store.close()
-        conn.send(("done", report))
+        sink.send("done", report)
     except KeyboardInterrupt:
-        pass  # Ctrl-C reaches both processes; the writer reports it
+        pass  # Ctrl-C reaches every process; the writer reports it
     except BaseException as exc:  # the writer re-raises it; nothing may die silently here
         import traceback
 
         with contextlib.suppress(OSError, ValueError):  # the writer may be gone already
-            conn.send(("error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
+            conn.send(("error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}", 0))
     finally:
         with contextlib.suppress(OSError):
             conn.close()
+
+
+def _concatenate(parts: list[list]) -> list:
+    return [item for part in parts for item in part]
 
 
 def import_files_pipelined(
@@ -833,21 +868,29 @@ def import_files_pipelined(
     full: bool = False,
     window: DedupWindow | None = None,
     prepare: Any = None,
+    combine: Any = None,
+    readers: int = 1,
 ) -> None:
-    """``import_files`` in two processes: a forked reader parses while this one writes.
+    """``import_files`` with ``readers`` forked reader processes while this one writes.
 
-    Same results and the same guarantees: batches and file states travel in order down one
-    pipe, so a file's state is saved only after the events before it are written. The pipe
-    holds at most one batch in flight, so memory stays bounded. ``prepare(batch)``, when
-    given, runs in the reader on each batch of event fields, and ``sink`` receives its result.
+    Same results and the same guarantees as one process: reader ``r`` parses files ``r``,
+    ``r + readers``, ... and this process takes their events file by file in the order of
+    ``files``, so the ledger receives the same events in the same order (the copy of a call
+    it keeps is the same), and a file's state is saved only after its events are written.
+    Events of consecutive files are written together, ``BATCH_SIZE`` at a time.
+    ``prepare(batch)``, when given, runs in the readers on each batch of event fields;
+    ``combine(list_of_prepared)`` joins several into one for ``sink`` (lists are
+    concatenated when it is not given). Each pipe holds at most one message in flight, so
+    memory stays bounded.
     """
     import multiprocessing
 
-    # fork: the reader inherits the parser classes and file list without pickling them. It
-    # never touches the ledger's SQLite handle it inherits, and multiprocessing ends a forked
-    # child with os._exit, so that handle is never closed (or checkpointed) from the child.
+    combine = combine or _concatenate
+    readers = max(1, min(readers, len(files)))
+    # fork: the readers inherit the parser classes and file list without pickling them. They
+    # never touch the ledger's SQLite handle they inherit, and multiprocessing ends a forked
+    # child with os._exit, so that handle is never closed (or checkpointed) from a child.
     ctx = multiprocessing.get_context("fork")
-    receiver, sender = ctx.Pipe(duplex=False)
     job = {
         "source": source,
         "report_source": report.source,
@@ -857,54 +900,135 @@ def import_files_pipelined(
         "prepare": prepare,
         "full": full,
         "state_path": state_path,
-        "total_bytes": total_bytes,
-        "label": f"importing {report.source}",
     }
-    reader = ctx.Process(target=_reader_main, args=(sender, job), daemon=True)
-    reader.start()
-    sender.close()
+    progress = Progress(total_bytes, f"importing {report.source}")
     finished = False
+    conns = []
+    processes = []
     try:
-        while True:
-            try:
-                kind, payload = receiver.recv()
-            except EOFError:
-                break
-            if kind == "events":
-                inserted, duplicates = sink(payload)
-                report.imported += inserted
-                report.duplicates += duplicates
-            elif kind == "states":
-                state.put_many(source, payload)
-            elif kind == "done":
-                _merge(report, payload)
-                finished = True
-            elif kind == "error":
-                from cage.errors import TranscriptError
-
-                raise TranscriptError(f"the transcript reader failed: {payload}")
+        for first in range(readers):
+            receiver, sender = ctx.Pipe(duplex=False)
+            process = ctx.Process(
+                target=_reader_main, args=(sender, job, first, readers), daemon=True
+            )
+            process.start()
+            sender.close()
+            conns.append(receiver)
+            processes.append(process)
+        writer = _PipelineWriter(source, sink, state, report, combine, progress)
+        for index in range(len(files)):
+            writer.take_file(conns[index % readers], processes[index % readers])
+        parts = [
+            writer.take_done(conn, process) for conn, process in zip(conns, processes, strict=True)
+        ]
+        writer.commit()
+        finished = True
+        _merge(report, parts, files)
     finally:
-        receiver.close()
-        if reader.is_alive() and not finished:
-            reader.terminate()
-        reader.join()
-    if not finished:
-        from cage.errors import TranscriptError
-
-        raise TranscriptError(
-            f"the transcript reader stopped early (exit {reader.exitcode}); what was imported "
-            "so far is kept: run the import again to finish"
-        )
+        progress.finish()
+        for conn in conns:
+            conn.close()
+        for process in processes:
+            if not finished and process.is_alive():
+                process.terminate()
+            process.join()
 
 
-def _merge(into: ImportReport, part: ImportReport) -> None:
-    into.duplicates += part.duplicates  # copies merged in the reader's window
-    into.bad_lines += part.bad_lines
-    into.skipped += part.skipped
-    into.pending += part.pending
-    into.files += part.files
-    into.files_unchanged += part.files_unchanged
-    into.bytes_read += part.bytes_read
+class _PipelineWriter:
+    """The writing side of ``import_files_pipelined``: events are gathered across files and
+    written ``BATCH_SIZE`` at a time; the states they cover are saved right after."""
+
+    def __init__(
+        self,
+        source: str,
+        sink: Any,
+        state: StateStore,
+        report: ImportReport,
+        combine: Any,
+        progress: Progress,
+    ) -> None:
+        self.source = source
+        self.sink = sink
+        self.state = state
+        self.report = report
+        self.combine = combine
+        self.progress = progress
+        self.events: list[Any] = []
+        self.rows = 0
+        self.states: list[FileState] = []
+
+    def _receive(self, conn: Any, process: Any) -> tuple[str, Any]:
+        try:
+            kind, payload, done = conn.recv()
+        except EOFError:
+            from cage.errors import TranscriptError
+
+            process.join(1)
+            raise TranscriptError(
+                f"a transcript reader stopped early (exit {process.exitcode}); what was "
+                "imported so far is kept: run the import again to finish"
+            ) from None
+        if kind == "error":
+            from cage.errors import TranscriptError
+
+            raise TranscriptError(f"the transcript reader failed: {payload}")
+        self.progress.advance(done)
+        return kind, payload
+
+    def take_file(self, conn: Any, process: Any) -> None:
+        """Everything one reader sends about its next file, up to its ``next``."""
+        while True:
+            kind, payload = self._receive(conn, process)
+            if kind == "next":
+                return
+            if kind == "events":
+                self.events.append(payload)
+                self.rows += len(payload)
+                if self.rows >= BATCH_SIZE:
+                    self.commit()
+            elif kind == "states":
+                self.states.extend(payload)
+
+    def take_done(self, conn: Any, process: Any) -> ImportReport:
+        """A reader's report, the last thing it sends."""
+        kind, payload = self._receive(conn, process)
+        if kind != "done":  # pragma: no cover - the protocol above makes this impossible
+            raise AssertionError(f"a transcript reader sent {kind!r} after its last file")
+        return payload
+
+    def commit(self) -> None:
+        """Write the gathered events, then (only then) save the states they cover."""
+        if self.events:
+            batch = self.events[0] if len(self.events) == 1 else self.combine(self.events)
+            inserted, duplicates = self.sink(batch)
+            self.report.imported += inserted
+            self.report.duplicates += duplicates
+            self.events = []
+            self.rows = 0
+        if self.states:
+            self.state.put_many(self.source, self.states)
+            self.states = []
+
+
+def _merge(into: ImportReport, parts: list[ImportReport], files: list[Path]) -> None:
+    """Add the readers' reports to ``into``; listed problems in file order, as one reader
+    would have listed them (each reader lists its first ones, so the first of all are among
+    them)."""
+    order = {str(path): i for i, path in enumerate(files)}
+    errors: list[LineError] = []
+    failures: list[LineError] = []
+    for part in parts:
+        into.duplicates += part.duplicates  # copies merged in the readers' windows
+        into.bad_lines += part.bad_lines
+        into.skipped += part.skipped
+        into.pending += part.pending
+        into.files += part.files
+        into.files_unchanged += part.files_unchanged
+        into.bytes_read += part.bytes_read
+        errors.extend(part.errors)
+        failures.extend(part.failures)
+    errors.sort(key=lambda e: (order.get(e.file, len(order)), e.line))
+    failures.sort(key=lambda e: order.get(e.file, len(order)))
     room = MAX_LISTED_ERRORS - len(into.errors)
-    into.errors.extend(part.errors[: max(room, 0)])
-    into.failures.extend(part.failures)
+    into.errors.extend(errors[: max(room, 0)])
+    into.failures.extend(failures)
