@@ -52,3 +52,23 @@ def test_help_imports_no_heavy_dependency():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert json.loads(done.stdout) == []
+
+
+def test_a_command_loads_only_its_own_module():
+    """`cage ci ...` (the required check, run on every pull request) sets up one command."""
+    code = (
+        "import sys, json; from cage.cli import build_parser;"
+        "build_parser(['ci', '--help']);"
+        "print(json.dumps(sorted(m for m in sys.modules if m.startswith('cage.commands.'))))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert json.loads(done.stdout) == ["cage.commands.ci"]
+
+
+def test_command_help_still_works_with_one_command_set_up():
+    done = run_cage("ci", "--help")
+    assert done.returncode == 0
+    assert "--base" in done.stdout
+    done = run_cage("report", "--help")
+    assert done.returncode == 0
+    assert "--by" in done.stdout

@@ -1,7 +1,5 @@
 """``python -m cage``."""
 
-import sys
+from cage.cli import console
 
-from cage.cli import main
-
-sys.exit(main())
+console()
