@@ -1161,9 +1161,8 @@ def _adjudicate(
     spend_elsewhere: bool = False,
     cleanup: contextlib.ExitStack | None = None,
 ) -> Verdict:
-    from cage import attest, gitio, pathrules
-    from cage import policy as policy_mod
-    from cage.errors import GitError, PolicyError
+    from cage import gitio
+    from cage.errors import GitError
 
     timings: dict[str, float] = {}
     clock = time.monotonic()
@@ -1200,20 +1199,25 @@ def _adjudicate(
     timings["resolve_s"] = time.monotonic() - clock
 
     clock = time.monotonic()
-    policy_path = policy_mod.POLICY_PATH
-    # A policy given by the caller (`cage mission run --policy FILE`) replaces the base's.
-    entry = repo.entry_at(base, policy_path) if given_policy is None else None
-    found = entry is not None and entry.type == "blob" and entry.mode in gitio.REGULAR_MODES
     pending = None
-    if cleanup is not None and (found or given_policy is not None):
+    if cleanup is not None:
         # Writing the base worktree is the largest single cost of a replay: git starts on it
-        # now, while the policy, the change and its blobs are read and judged. No code of
-        # the repository runs (same safe settings as any checkout); when the verdict turns
-        # out certain without a replay, git is stopped and the worktree removed.
+        # first, while cage loads the rest of itself and reads and judges the policy, the
+        # change and its blobs. No code of the repository runs (same safe settings as any
+        # checkout); when the verdict turns out certain without a replay (a missing policy
+        # too), git is stopped and the worktree removed.
         try:
             pending = cleanup.enter_context(repo.start_worktree(base))
         except GitError:
             pending = None  # the replay, if it runs, tries again and reports the error
+    from cage import attest, pathrules
+    from cage import policy as policy_mod
+    from cage.errors import PolicyError
+
+    policy_path = policy_mod.POLICY_PATH
+    # A policy given by the caller (`cage mission run --policy FILE`) replaces the base's.
+    entry = repo.entry_at(base, policy_path) if given_policy is None else None
+    found = entry is not None and entry.type == "blob" and entry.mode in gitio.REGULAR_MODES
     data = b"" if given_policy is not None else None
     if found:
         data = repo.read_blobs([entry.sha])[entry.sha]
