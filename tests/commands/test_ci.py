@@ -15,22 +15,10 @@ from tests.commands.ci_repo import (
     OPS_FIXED,
     REGRESSION,
     adjudicate,
-    build_template,
     codes,
     finding_codes,
-    make_project,
     run_ci,
 )
-
-
-@pytest.fixture(scope="module")
-def template_repo(tmp_path_factory):
-    return build_template(tmp_path_factory)
-
-
-@pytest.fixture
-def project(template_repo, tmp_path, monkeypatch):
-    return make_project(template_repo, tmp_path, monkeypatch)
 
 
 # --- the honest path and the plain failures ---

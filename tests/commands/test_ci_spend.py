@@ -13,7 +13,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -24,10 +23,8 @@ from tests.commands.ci_repo import (
     OPS_FIXED,
     Project,
     adjudicate,
-    build_template,
     codes,
     finding_codes,
-    make_project,
     run_ci,
 )
 
@@ -50,14 +47,10 @@ def policy(limit: float = 5, spend_evidence: str | None = None) -> str:
     return text
 
 
-@pytest.fixture(scope="module")
-def template_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_template(tmp_path_factory)
-
-
 @pytest.fixture
-def project(template_repo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Project:
-    repo = make_project(template_repo, tmp_path, monkeypatch)
+def project(project: Project, monkeypatch: pytest.MonkeyPatch) -> Project:
+    """The template project with this module's policy, and the attest key set."""
+    repo = project
     repo.write(".runcap/mission.yaml", policy())
     repo.base = repo.commit("policy for spend tests")
     monkeypatch.setenv("CAGE_ATTEST_KEY", KEY)
