@@ -172,7 +172,11 @@ def main() -> None:
                 cage_run(repo, base, head, env)  # warm-up: fills the bytecode cache
             floors, cages = [], []
             for _ in range(args.repeat):  # interleaved, so drift hits both sides alike
+                # Each run writes and deletes a whole worktree; sync first so that neither
+                # side pays for the other's deferred writeback.
+                os.sync()
                 floors.append(floor(repo, base, head))
+                os.sync()
                 cages.append(cage_run(repo, base, head, env))
             f, c = statistics.median(floors), statistics.median(cages)
             worst = max(worst, c / f)
