@@ -303,10 +303,16 @@ def test_background_setsid_and_double_fork_processes_are_killed(
     assert list(private_tmp.iterdir()) == []
 
 
-@pytest.mark.parametrize("case", ["out_of_scope", "policy_invalid", "empty_change"])
+@pytest.mark.parametrize(
+    "case", ["out_of_scope", "policy_invalid", "policy_missing", "empty_change"]
+)
 def test_worktree_started_early_is_removed_when_no_replay_runs(project, capsys, private_tmp, case):
     # The base worktree is started as soon as base is known; a verdict decided without a
     # replay stops it and removes it.
+    if case == "policy_missing":
+        project.remove(".runcap/mission.yaml")
+        project.base = project.commit("no policy")
+        project.fix()
     if case == "policy_invalid":
         project.write(".runcap/mission.yaml", "version: v1\nmission: {name: x}\n")
         project.base = project.commit("broken policy")
