@@ -160,6 +160,14 @@ def test_bad_date_is_a_usage_error(filled):
     assert "after --until" in done.stderr
 
 
+@pytest.mark.parametrize("mission", ["", "  "])
+def test_empty_mission_id_is_a_usage_error_not_every_mission(filled, capsys, mission):
+    assert main(["report", "--ledger", str(filled), "--mission", mission, "--json"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert "--mission: the mission id is empty" in captured.err
+
+
 def test_missing_ledger_is_an_empty_report_with_a_note(tmp_path):
     missing = tmp_path / "nothing-here.db"
     done = run_cage("report", "--ledger", str(missing))

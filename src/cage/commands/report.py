@@ -54,6 +54,9 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(f"--{option}: {exc}") from None
     if bounds["since"] and bounds["until"] and bounds["since"] >= bounds["until"]:
         raise UsageError(f"--since {args.since} is after --until {args.until}: nothing to report")
+    if args.mission is not None and not args.mission.strip():
+        # An empty id (an unset shell variable, `--mission "$ID"`) must not report everything.
+        raise UsageError("--mission: the mission id is empty; give the id `cage outcome` shows")
 
     location = args.ledger or default_ledger_location()
     note = None
