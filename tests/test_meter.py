@@ -14,7 +14,7 @@ from types import SimpleNamespace as NS
 
 import pytest
 
-from cage.ledger import Ledger
+from cage.ledger import Ledger, canonical_request_id
 from cage.meter import JsonlWriter, LedgerWriter, NullWriter, meter, record
 from cage.pricing import Usage, price
 
@@ -104,6 +104,16 @@ def test_anthropic_message_becomes_one_priced_event():
     assert event.cost_usd == pytest.approx(
         price("anthropic", "claude-sonnet-4-20250514", Usage(12, 7, 100, 50))
     )
+
+
+def test_sdk_request_id_is_the_call_id_the_proxy_uses():
+    # The SDKs expose the request-id header as `_request_id`; the proxy keys the same call
+    # by that header, so a call seen by both is stored once.
+    response = anthropic_message()
+    response._request_id = "req_011CXYZ"
+    with meter(writer=NullWriter()) as m:
+        event = m.record(response)
+    assert event.request_id == canonical_request_id("anthropic", "req_011CXYZ")
 
 
 def test_openai_chat_completion_subtracts_cached_prompt_tokens():

@@ -12,11 +12,12 @@
         record(response)                # the innermost active meter records it
         return response
 
-Only usage counts, the model name and the response id are read from a response: never its
-content. Responses are duck-typed (``.usage`` / ``.model`` / ``.id`` attributes or dict
-keys), so neither SDK needs to be installed. Where events go is a *writer*: anything with
-``write(event)``. :class:`LedgerWriter` (the default, on the default ledger),
-:class:`JsonlWriter` and :class:`NullWriter` come with cage.
+Only usage counts, the model name and the request id (the SDK's ``_request_id``, else the
+response's ``id``) are read from a response: never its content. Responses are duck-typed
+(``.usage`` / ``.model`` / ``.id`` attributes or dict keys), so neither SDK needs to be
+installed. Where events go is a *writer*: anything with ``write(event)``.
+:class:`LedgerWriter` (the default, on the default ledger), :class:`JsonlWriter` and
+:class:`NullWriter` come with cage.
 
 Decisions:
 - ``duration_s`` of a recorded call is the time since the block started or since the
@@ -227,7 +228,10 @@ class Meter:
             provider or self.provider or shape_provider or guess_provider(model_name) or "unknown"
         )
         counts = normaliser(usage) if normaliser else normalise_usage(usage, provider_name)
-        response_id = _get(obj, "id") if is_response else None
+        # The SDKs keep the API's request-id header as ``_request_id``: with it the call gets
+        # the id `cage proxy` gives the same call (cage.ledger.canonical_request_id), so a
+        # call both metered here and through the proxy is recorded once.
+        response_id = (_get(obj, "_request_id") or _get(obj, "id")) if is_response else None
         event = Event(
             timestamp=_now(),
             provider=provider_name,
