@@ -201,6 +201,25 @@ def test_batches_with_duplicates_keep_the_rollups_exact(ledger):
     assert brute.fetchone() == (15, sum(range(15)), pytest.approx(3.25))
 
 
+def test_large_batches_keep_order_and_the_first_copy(ledger):
+    # Rows are inserted many per statement (and the rest one by one): order, the copy kept
+    # and the counts are those of inserting them one at a time.
+    ledger.add_many([ev(7, output_tokens=1)])
+    events = [ev(i % 100, output_tokens=1000 + i) for i in range(123)]  # 23 seen twice
+    assert ledger.add_many(events) == (99, 24)
+    rows = sqlite3.connect(ledger.path).execute(
+        "SELECT request_id, output_tokens FROM events ORDER BY id"
+    )
+    assert rows.fetchall() == [("req-7", 1)] + [
+        (f"req-{i}", 1000 + i) for i in range(100) if i != 7
+    ]
+    (row,) = ledger.report("model")
+    assert (row["calls"], row["output_tokens"]) == (
+        100,
+        1 + sum(1000 + i for i in range(100)) - 1007,
+    )
+
+
 def test_add_is_idempotent_by_request_id(ledger):
     assert ledger.add(ev(1)) is True
     assert ledger.add(ev(1)) is False

@@ -39,6 +39,7 @@ import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta, timezone
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -400,15 +401,31 @@ _SHORT_COLUMNS = tuple(
 )
 
 
-def _insert_sql(columns: Sequence[str]) -> str:
-    return (
-        f"INSERT OR IGNORE INTO events ({', '.join(columns)}) "
-        f"VALUES ({', '.join('?' * len(columns))})"
-    )
+def _insert_sql(columns: Sequence[str], rows: int = 1) -> str:
+    one = f"({', '.join('?' * len(columns))})"
+    return f"INSERT OR IGNORE INTO events ({', '.join(columns)}) VALUES {', '.join([one] * rows)}"
 
 
 _INSERT = _insert_sql(_COLUMNS)
 _INSERT_SHORT = _insert_sql(_SHORT_COLUMNS)
+# Rows per statement for large batches: each execution of a statement has a fixed cost in
+# the sqlite3 module, so binding 50 rows at a time costs about a third less per row than
+# one (and 650 parameters stay far below SQLite's limit of 32,766 since 3.32, 999 before).
+_ROWS_PER_INSERT = 50
+_INSERT_SHORT_MANY = _insert_sql(_SHORT_COLUMNS, _ROWS_PER_INSERT)
+
+
+def _insert_rows(db: sqlite3.Connection, rows: list[tuple]) -> None:
+    """``INSERT OR IGNORE`` ``rows`` (of ``_SHORT_COLUMNS``) in order, many per statement."""
+    whole = len(rows) - len(rows) % _ROWS_PER_INSERT
+    if whole:
+        step = _ROWS_PER_INSERT
+        flat = chain.from_iterable
+        db.executemany(
+            _INSERT_SHORT_MANY, [tuple(flat(rows[i : i + step])) for i in range(0, whole, step)]
+        )
+    if whole < len(rows):
+        db.executemany(_INSERT_SHORT, rows[whole:])
 
 
 def _rollup_add_sql(table: str, dims: Sequence[str]) -> str:
@@ -1062,7 +1079,7 @@ class SQLiteLedger(Ledger):
         before = db.execute("SELECT ifnull(max(id), 0) FROM events").fetchone()[0]
         changes = db.total_changes
         if batch.short:
-            db.executemany(_INSERT_SHORT, batch.short)
+            _insert_rows(db, batch.short)
         if batch.rows:
             db.executemany(_INSERT, batch.rows)
         new = db.total_changes - changes

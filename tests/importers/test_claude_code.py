@@ -579,6 +579,7 @@ def test_several_readers_write_what_one_reader_writes(
 
     monkeypatch.setattr(common, "PIPELINE_MIN_BYTES", 0)
     monkeypatch.setattr(common, "BATCH_SIZE", 4)
+    monkeypatch.setattr(common, "WRITE_BATCH_SIZE", 5)
     for n in range(5):
         lines = [
             claude_line(f"msg_{n}_{i}", f"req_{n}_{i}", output_tokens=i + 1, session=f"s{n}")

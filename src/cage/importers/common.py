@@ -39,6 +39,11 @@ MAX_TOKENS = 2**53
 MAX_LISTED_ERRORS = 20
 # Events handed to the ledger per transaction; the file's state is saved after each batch.
 BATCH_SIZE = 10_000
+# Events per transaction when reader processes feed the writer (a large import). Each commit
+# rewrites every index page it touched, and random request keys touch most of the unique
+# index, so fewer, larger commits write far less: 50,000 costs about a quarter less CPU than
+# 10,000 and much less disk. A crash still loses nothing: state is saved after its events.
+WRITE_BATCH_SIZE = 50_000
 
 
 class BadLine(Exception):
@@ -877,7 +882,7 @@ def import_files_pipelined(
     ``r + readers``, ... and this process takes their events file by file in the order of
     ``files``, so the ledger receives the same events in the same order (the copy of a call
     it keeps is the same), and a file's state is saved only after its events are written.
-    Events of consecutive files are written together, ``BATCH_SIZE`` at a time.
+    Events of consecutive files are written together, ``WRITE_BATCH_SIZE`` at a time.
     ``prepare(batch)``, when given, runs in the readers on each batch of event fields;
     ``combine(list_of_prepared)`` joins several into one for ``sink`` (lists are
     concatenated when it is not given). Each pipe holds at most one message in flight, so
@@ -936,7 +941,7 @@ def import_files_pipelined(
 
 class _PipelineWriter:
     """The writing side of ``import_files_pipelined``: events are gathered across files and
-    written ``BATCH_SIZE`` at a time; the states they cover are saved right after."""
+    written ``WRITE_BATCH_SIZE`` at a time; the states they cover are saved right after."""
 
     def __init__(
         self,
@@ -984,7 +989,7 @@ class _PipelineWriter:
             if kind == "events":
                 self.events.append(payload)
                 self.rows += len(payload)
-                if self.rows >= BATCH_SIZE:
+                if self.rows >= WRITE_BATCH_SIZE:
                     self.commit()
             elif kind == "states":
                 self.states.extend(payload)
