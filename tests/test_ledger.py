@@ -536,3 +536,61 @@ def test_a_tilde_for_an_unknown_user_is_kept_as_written(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
     Ledger.open("~nosuchuser-cage-qa/y.db").close()
     assert (tmp_path / "~nosuchuser-cage-qa" / "y.db").is_file()
+
+
+def test_add_many_fields_builds_the_rows_add_fields_builds():
+    # The import loop builds common rows inline; it must give exactly the rows and sums
+    # that pricing each event and calling add_fields gives.
+    from cage.ledger import RowBatch
+
+    def price(provider, model, stamp, inp, out, cache_read, cache_write, write_1h):
+        return None if model == "unknown" else inp * 1e-6 + out * 2e-6 + write_1h * 1e-7
+
+    def fields(n: int, **more) -> dict:
+        base = {
+            "timestamp": f"2026-11-2{n % 3}T10:00:0{n}.5Z",
+            "provider": "anthropic",
+            "model": "claude-sonnet-4",
+            "input_tokens": n,
+            "output_tokens": 2 * n,
+            "cache_write_tokens": 3,
+            "truth": "measured",
+            "request_id": f"r{n}",
+            "source": "claude-code",
+            "extra": {"session_id": "s"},
+        }
+        base.update(more)
+        return base
+
+    events = [
+        fields(0),
+        fields(1, cost_usd=0.25),
+        fields(2, model="unknown"),
+        fields(3, truth="estimated"),
+        fields(4, caller="ci", mission_id="m"),
+        fields(5, extra={"cache_write_1h_tokens": 2, "ids": [1, 2]}),
+        fields(6, request_id="", extra={}),
+        fields(7, role=None, duration_s=1.5),
+        fields(8, truth=None),
+    ]
+    expected = RowBatch()
+    for event in [dict(e) for e in events]:
+        if event.get("cost_usd") is None:
+            extra = event.get("extra")
+            event["cost_usd"] = price(
+                event["provider"],
+                event["model"],
+                event["timestamp"],
+                event.get("input_tokens", 0),
+                event.get("output_tokens", 0),
+                event.get("cache_read_tokens", 0),
+                event.get("cache_write_tokens", 0),
+                int(extra.get("cache_write_1h_tokens") or 0) if extra else 0,
+            )
+            if event.get("truth") != "estimated":
+                event["truth"] = "modeled"
+        expected.add_fields(event)
+    got = RowBatch()
+    got.add_many_fields([dict(e) for e in events], price)
+    assert (got.short, got.rows, got.sums) == (expected.short, expected.rows, expected.sums)
+    assert len(got.short) == 7 and len(got.rows) == 2

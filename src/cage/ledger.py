@@ -439,6 +439,9 @@ def _rollup_add_sql(table: str, dims: Sequence[str]) -> str:
     )
 
 
+# Fields that make an event a long row (see RowBatch): any of them present and non-empty.
+_LONG_FIELDS = frozenset(("role", "caller", "mission_id", "duration_s", "error_class"))
+
 # Where each rollup's dimensions sit in a RowBatch group key
 # (day, provider, model, caller, mission_id, truth).
 _GROUP_INDEX = {"provider": 1, "model": 2, "caller": 3, "mission_id": 4}
@@ -537,6 +540,94 @@ class RowBatch:
             get("source"),
             extra_json,
         )
+
+    def add_many_fields(self, batch: Iterable[dict], price: Any = None) -> None:
+        """``add_fields`` for each of ``batch``, pricing the events without a cost first.
+
+        ``price(provider, model, timestamp, input, output, cache_read, cache_write,
+        cache_write_1h)`` gives a cost or None (unpriced); a priced event's truth becomes
+        ``modeled`` unless it was ``estimated``, as :func:`cage.pricing.price_event` does.
+        The loop of an import, once per event: the rows of the common shape (no role,
+        caller, mission, duration or error) are built inline, the others by ``add_fields``.
+        """
+        short = self.short
+        sums = self.sums
+        extras = self._extras
+        long_keys = _LONG_FIELDS
+        key_of = request_key
+        for fields in batch:
+            get = fields.get
+            cost = get("cost_usd")
+            extra = get("extra")
+            if cost is None and price is not None:
+                cost = price(
+                    fields["provider"],
+                    fields["model"],
+                    fields["timestamp"],
+                    get("input_tokens", 0),
+                    get("output_tokens", 0),
+                    get("cache_read_tokens", 0),
+                    get("cache_write_tokens", 0),
+                    int(extra.get("cache_write_1h_tokens") or 0) if extra else 0,
+                )
+                fields["cost_usd"] = cost
+                if get("truth") != "estimated":
+                    fields["truth"] = "modeled"
+            if not long_keys.isdisjoint(fields):
+                self.add_fields(fields)
+                continue
+            if extra:
+                try:
+                    items = tuple(extra.items())
+                    extra_json = extras.get(items)
+                    if extra_json is None:
+                        extra_json = _encode_extra(extra)
+                        if len(extras) < 1024:
+                            extras[items] = extra_json
+                except TypeError:  # an unhashable value (a list): encode it each time
+                    extra_json = _encode_extra(extra)
+            else:
+                extra_json = "{}"
+            stamp = fields["timestamp"]
+            provider = fields["provider"]
+            model = fields["model"]
+            inp = get("input_tokens", 0)
+            out = get("output_tokens", 0)
+            cache_read = get("cache_read_tokens", 0)
+            cache_write = get("cache_write_tokens", 0)
+            truth = get("truth", "estimated")
+            request_id = get("request_id") or None
+            short.append(
+                (
+                    stamp[:19] + "Z",
+                    provider,
+                    model,
+                    inp,
+                    out,
+                    cache_read,
+                    cache_write,
+                    cost,
+                    truth,
+                    request_id,
+                    get("source"),
+                    extra_json,
+                    None if request_id is None else key_of(request_id),
+                )
+            )
+            key = (stamp[:10], provider, model, "", "", truth)
+            group = sums.get(key)
+            if group is None:
+                sums[key] = [1, inp, out, cache_read, cache_write, cost or 0.0, int(cost is None)]
+            else:
+                group[0] += 1
+                group[1] += inp
+                group[2] += out
+                group[3] += cache_read
+                group[4] += cache_write
+                if cost is None:
+                    group[6] += 1
+                else:
+                    group[5] += cost
 
     def _add(
         self,

@@ -211,23 +211,7 @@ def _ledger_writer(ledger):  # type: ignore[no-untyped-def]
 
     def prepare(batch: list[dict]) -> RowBatch:
         rows = RowBatch()
-        add = rows.add_fields
-        for fields in batch:
-            if fields.get("cost_usd") is None:
-                extra = fields.get("extra")
-                fields["cost_usd"] = pricer(
-                    fields["provider"],
-                    fields["model"],
-                    fields["timestamp"],
-                    fields.get("input_tokens", 0),
-                    fields.get("output_tokens", 0),
-                    fields.get("cache_read_tokens", 0),
-                    fields.get("cache_write_tokens", 0),
-                    int(extra.get("cache_write_1h_tokens") or 0) if extra else 0,
-                )
-                if fields.get("truth") != "estimated":
-                    fields["truth"] = "modeled"
-            add(fields)
+        rows.add_many_fields(batch, pricer)
         return rows
 
     ledger.bulk_mode()
