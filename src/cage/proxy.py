@@ -29,7 +29,6 @@ import time
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from typing import Any
 
 import aiohttp
@@ -38,6 +37,8 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from cage.errors import CageError, ProxyError
+from cage.ledger import Event, canonical_request_id
+from cage.pricing import Usage, normalise_anthropic, normalise_openai, price_of_day
 
 log = logging.getLogger("cage.proxy")
 
@@ -51,6 +52,9 @@ RESERVE_BYTES_PER_TOKEN = 2
 DEFAULT_MAX_OUTPUT_TOKENS = 32_000
 # Estimating an unknown usage (stream cut, usage missing): the usual 4 characters per token.
 ESTIMATE_BYTES_PER_TOKEN = 4
+
+# Request bodies up to this size are accepted (agents send whole conversations).
+MAX_REQUEST_BYTES = 256 * 1024 * 1024
 
 CONNECT_TIMEOUT_S = 10.0
 # LLM calls can think for minutes before the first byte, and SDKs wait 10 minutes.
@@ -126,7 +130,7 @@ _rates_lock = threading.Lock()
 
 
 def _price_per_token(provider: str, model: str, **tokens: int) -> float | None:
-    from cage.pricing import Usage, price
+    from cage.pricing import price
 
     fields = {"input_tokens": 0, "output_tokens": 0, **tokens}
     cost = price(provider, model, Usage(**fields))
@@ -689,27 +693,50 @@ def _str_or_none(value: Any) -> str | None:
 
 def normalise_usage(api: Api, usage: Mapping[str, Any]) -> Any:
     """Provider-shaped usage -> cage.pricing.Usage (cached tokens counted once)."""
-    from cage.pricing import normalise_anthropic, normalise_openai
-
     if api.provider == "anthropic":
         return normalise_anthropic(usage)
     return normalise_openai(usage)
 
 
-@dataclass
 class _Call:
-    """One metered call in flight."""
+    """One metered call in flight (a plain slotted class: one is made per request)."""
 
-    api: Api
-    model: str
-    body_len: int
-    reserved: float
-    stream: bool
-    started: float = field(default_factory=time.monotonic)
-    when: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
-    request_id: str | None = None
-    status: int | None = None
-    done: bool = False
+    __slots__ = (
+        "api",
+        "body_len",
+        "done",
+        "model",
+        "request_id",
+        "reserved",
+        "started",
+        "status",
+        "stream",
+        "when",
+    )
+
+    def __init__(self, api: Api, model: str, body_len: int, reserved: float, stream: bool):
+        self.api = api
+        self.model = model
+        self.body_len = body_len
+        self.reserved = reserved
+        self.stream = stream
+        self.started = time.monotonic()
+        self.when = time.time()  # request time (UTC seconds): its price and timestamp
+        self.request_id: str | None = None
+        self.status: int | None = None
+        self.done = False
+
+
+_stamp_cache: list[Any] = [None, ""]
+
+
+def _utc_stamp(when: float) -> str:
+    """``2026-11-23T10:00:00Z`` for a time in seconds; the last second's text is reused."""
+    second = int(when)
+    if _stamp_cache[0] != second:
+        _stamp_cache[1] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(second))
+        _stamp_cache[0] = second
+    return _stamp_cache[1]
 
 
 # ---------------------------------------------------------------------------------------
@@ -815,13 +842,24 @@ class MeteringProxy:
             auto_decompress=False,
             cookie_jar=_NO_COOKIES(),
         )
-        app = web.Application(client_max_size=256 * 1024 * 1024)
-        app.router.add_route("*", "/{tail:.*}", self._dispatch)
-        # No access log: it would cost time per request and could record query strings.
-        # On stop, calls in flight get SHUTDOWN_GRACE_S to finish, then are cut (and recorded).
-        self._runner = web.AppRunner(
-            app, access_log=None, handler_cancellation=True, shutdown_timeout=SHUTDOWN_GRACE_S
+        # aiohttp's low-level server: every request goes to _dispatch, without an
+        # Application, a router or middlewares to pass through (CPU per call is the
+        # proxy's latency under load). No access log: it would cost time per request and
+        # could record query strings.
+        loop = asyncio.get_running_loop()
+
+        def make_request(*args: Any) -> web.BaseRequest:
+            # (message, payload, protocol, writer, task), as aiohttp passes them.
+            return web.BaseRequest(*args, loop, client_max_size=MAX_REQUEST_BYTES)
+
+        server = web.Server(
+            self._dispatch,
+            request_factory=make_request,
+            handler_cancellation=True,
+            access_log=None,
         )
+        # On stop, calls in flight get SHUTDOWN_GRACE_S to finish, then are cut (and recorded).
+        self._runner = web.ServerRunner(server, shutdown_timeout=SHUTDOWN_GRACE_S)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.config.host, self.config.port)
         try:
@@ -850,14 +888,14 @@ class MeteringProxy:
 
     # -- routing --------------------------------------------------------------------------
 
-    async def _dispatch(self, request: web.Request) -> web.StreamResponse:
+    async def _dispatch(self, request: web.BaseRequest) -> web.StreamResponse:
         api = METERED.get(request.path) if request.method == "POST" else None
         if api is not None:
             return await self._metered(request, api)
         return await self._passthrough(request)
 
     @staticmethod
-    def _provider_of(request: web.Request) -> str:
+    def _provider_of(request: web.BaseRequest) -> str:
         headers = request.headers
         if "x-api-key" in headers or "anthropic-version" in headers:
             return "anthropic"
@@ -867,7 +905,7 @@ class MeteringProxy:
 
     # -- metered calls --------------------------------------------------------------------
 
-    async def _metered(self, request: web.Request, api: Api) -> web.StreamResponse:
+    async def _metered(self, request: web.BaseRequest, api: Api) -> web.StreamResponse:
         assert self.guard is not None and self._session is not None
         body = await request.read()
         try:
@@ -942,7 +980,7 @@ class MeteringProxy:
         return input_tokens * max(rates.input, rates.cache_write) + max_out * choices * rates.output
 
     async def _forward(
-        self, request: web.Request, call: _Call, body: bytes, hide_usage: bool
+        self, request: web.BaseRequest, call: _Call, body: bytes, hide_usage: bool
     ) -> web.StreamResponse:
         assert self._session is not None and self.guard is not None
         api = call.api
@@ -993,7 +1031,7 @@ class MeteringProxy:
             upstream.release() if upstream.content.at_eof() else upstream.close()
 
     async def _relay_body(
-        self, request: web.Request, call: _Call, upstream: aiohttp.ClientResponse
+        self, request: web.BaseRequest, call: _Call, upstream: aiohttp.ClientResponse
     ) -> web.StreamResponse:
         api = call.api
         try:
@@ -1048,7 +1086,7 @@ class MeteringProxy:
 
     async def _relay_stream(
         self,
-        request: web.Request,
+        request: web.BaseRequest,
         call: _Call,
         upstream: aiohttp.ClientResponse,
         hide_usage: bool,
@@ -1136,8 +1174,6 @@ class MeteringProxy:
         """An estimated event: the upstream may have billed, and did not say how much."""
         if call.done:
             return
-        from cage.pricing import Usage
-
         usage = Usage(
             input_tokens=max(1, math.ceil(call.body_len / ESTIMATE_BYTES_PER_TOKEN)),
             output_tokens=math.ceil(output_chars / ESTIMATE_BYTES_PER_TOKEN),
@@ -1145,8 +1181,6 @@ class MeteringProxy:
         self._record(call, usage, "estimated", error)
 
     def _record_free_error(self, call: _Call, error: str) -> None:
-        from cage.pricing import Usage
-
         self._record(call, Usage(input_tokens=0, output_tokens=0), "estimated", error, cost=0.0)
 
     def _record(
@@ -1157,15 +1191,14 @@ class MeteringProxy:
         error: str | None,
         cost: float | None = None,
     ) -> None:
-        from cage.ledger import Event, canonical_request_id
-        from cage.pricing import price
-
         if call.done:
             return
         call.done = True
         provider = call.api.provider
+        timestamp = _utc_stamp(call.when)
         if cost is None:
-            priced = price(provider, call.model, usage, call.when)
+            # Priced at the request time (to the minute where the price depends on the hour).
+            priced = price_of_day(provider, call.model, usage, timestamp)
             cost = None if priced is None else float(priced)
         if cost is not None:
             cap_cost = cost
@@ -1178,7 +1211,7 @@ class MeteringProxy:
         if call.status is not None:
             extra["status"] = call.status
         event = Event(
-            timestamp=call.when.strftime("%Y-%m-%dT%H:%M:%SZ"),
+            timestamp=timestamp,
             provider=provider,
             model=call.model,
             input_tokens=usage.input_tokens,
@@ -1219,7 +1252,7 @@ class MeteringProxy:
 
     # -- pass-through ---------------------------------------------------------------------
 
-    async def _passthrough(self, request: web.Request) -> web.StreamResponse:
+    async def _passthrough(self, request: web.BaseRequest) -> web.StreamResponse:
         assert self._raw_session is not None
         provider = self._provider_of(request)
         url = URL(self.upstreams[provider] + request.raw_path, encoded=True)
