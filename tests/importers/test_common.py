@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import io
 
+import pytest
+
 from cage.importers.common import (
+    BadLine,
     DedupWindow,
     FileState,
     Progress,
     StateStore,
+    normalise_timestamp,
     read_complete_lines,
     resume_point,
 )
@@ -109,3 +113,25 @@ def test_a_fifo_among_transcripts_is_skipped_and_named_not_waited_on(tmp_path, c
     assert "not a regular file" in doc["failures"][0]["message"]
     assert main(["import", "jsonl", str(tmp_path / "a.jsonl")]) == 1
     assert "not a regular file or a directory" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "value, expected",
+    [
+        ("2025-10-21T08:00:00.945Z", "2025-10-21T08:00:00.945Z"),  # the fast path
+        ("2024-02-29T23:59:59Z", "2024-02-29T23:59:59Z"),  # days past 28: datetime decides
+        ("2025-12-31T00:00:00Z", "2025-12-31T00:00:00Z"),
+        ("2025-10-21T10:00:00+02:00", "2025-10-21T08:00:00Z"),
+        ("2025-02-29T00:00:00Z", "is not a valid time"),
+        ("0000-01-01T00:00:00Z", "is not a valid time"),
+        ("2025-10-21T24:00:00Z", "is not a valid time"),
+        ("2025-10-21T23:60:00Z", "is not a valid time"),
+        ("2025-13-01T00:00:00Z", "is not a valid time"),
+    ],
+)
+def test_timestamps_are_kept_converted_or_refused(value, expected):
+    if expected.startswith("is not"):
+        with pytest.raises(BadLine, match=expected):
+            normalise_timestamp(value)
+    else:
+        assert normalise_timestamp(value) == expected

@@ -33,6 +33,7 @@ from typing import Any
 import msgspec
 
 from cage.importers.common import (
+    ISO_Z_VALID,
     MAX_TOKENS,
     BadLine,
     ImportReport,
@@ -204,8 +205,10 @@ class FileParser:
             cache_read = token_count(usage, "cache_read_input_tokens", "message.usage.")
             cache_write = token_count(usage, "cache_creation_input_tokens", "message.usage.")
         extra: dict[str, Any] = {}
-        breakdown = usage.get("cache_creation")
-        if isinstance(breakdown, dict):
+        breakdown = get("cache_creation")
+        if breakdown is not None:
+            if not isinstance(breakdown, dict):
+                raise BadLine("message.usage.cache_creation is not an object")
             where = "message.usage.cache_creation."
             w5m = token_count(breakdown, "ephemeral_5m_input_tokens", where)
             w1h = token_count(breakdown, "ephemeral_1h_input_tokens", where)
@@ -213,9 +216,8 @@ class FileParser:
                 # The breakdown is the cache-write count; 1h writes are priced higher.
                 cache_write = w5m + w1h
                 extra["cache_write_1h_tokens"] = w1h
-        elif breakdown is not None:
-            raise BadLine("message.usage.cache_creation is not an object")
-        timestamp = normalise_timestamp(timestamp)
+        if not (type(timestamp) is str and ISO_Z_VALID(timestamp)):
+            timestamp = normalise_timestamp(timestamp)  # converts, or names the problem
 
         if not (type(message_id) is str and type(request_id) is str and type(session) is str):
             message_id = _optional_str(message_id, "message.id")
@@ -223,7 +225,7 @@ class FileParser:
             session = _optional_str(session, "sessionId")
         session = session or self.session_from_path
         sidechain = is_sidechain is True
-        speed = usage.get("speed")
+        speed = get("speed")
         # "not 0 <= cost < inf" also refuses NaN and Infinity (1e400): one such row made
         # every later report total NaN/inf, and its --json invalid.
         if cost is not None and (
