@@ -259,6 +259,64 @@ def test_anthropic_message_delta_usage_is_cumulative_not_added(proxy, ledger_pat
     assert event.output_tokens == 55
 
 
+def _stream_cases() -> list[tuple[str, bool, bytes]]:
+    """(api, hide usage chunk, raw SSE stream): the mock's streams and awkward variants."""
+    words = mockupstream._reply_words(9)
+    usage = {"prompt_tokens": 7, "completion_tokens": 9, "total_tokens": 16}
+    chat_events = mockupstream._chat_events("gpt-4o-mini", words, usage, include_usage=True)
+    chat_stream = b"".join(chat_events)
+    responses = b"".join(mockupstream._responses_events("gpt-4o", words, {"input_tokens": 3}))
+    messages = b"".join(
+        mockupstream._messages_events("claude-sonnet-4-5", words, {"input_tokens": 3})
+    )
+    # Text that looks like SSE or a delta marker, an error event, keys in another order,
+    # extra blank lines, a comment line.
+    tricky = (
+        b'data: {"type":"content_block_delta","index":0,"delta":{"type":"text_delta",'
+        b'"text":"data: {\\"type\\":\\"message_delta\\"} \\n\\n"}}\n\n'
+        b'data: {"index":0,"type":"content_block_delta","delta":{"text":"xyz"}}\n\n\n'
+        b": keep-alive\n\n"
+        b'event: error\ndata: {"type":"error","error":{"type":"overloaded_error"}}\n\n'
+    )
+    cut = messages.index(b"event: content_block_stop")
+    return [
+        ("chat", True, chat_stream),
+        ("chat", False, chat_stream),
+        ("chat", True, chat_stream.replace(b"\n", b"\r\n")),
+        ("chat", True, chat_events[0] + b'data: {"error":{"message":"boom"}}\n\n' + chat_stream),
+        ("responses", False, responses),
+        ("messages", False, messages),
+        ("messages", False, messages[:cut] + tricky + messages[cut:]),
+    ]
+
+
+@pytest.mark.parametrize("api, hide, stream", _stream_cases())
+@pytest.mark.parametrize("size", [1, 5, 64, 10**6])
+def test_stream_metered_run_at_a_time_as_event_by_event(api, hide, stream, size):
+    from cage.proxy import METERED, SSESplitter, StreamMeter, split_events
+
+    endpoint = {"chat": "chat/completions", "responses": "responses", "messages": "messages"}
+    spec = METERED["/v1/" + endpoint[api]]
+    # Reference: every event parsed on its own.
+    reference = StreamMeter(spec, hide_usage_chunk=hide)
+    expected = b"".join(raw for raw in split_events(stream) if reference.on_event(raw))
+    # The proxy's way: chunks of any size, runs of complete events, text deltas in bulk.
+    meter, splitter, out = StreamMeter(spec, hide_usage_chunk=hide), SSESplitter(), []
+    for i in range(0, len(stream), size):
+        run = splitter.push(stream[i : i + size])
+        if run:
+            out.append(meter.feed(run))
+    rest = splitter.rest()
+    if rest and meter.on_event(rest):
+        out.append(rest)
+    assert b"".join(out) == expected
+    for name in ("usage", "final", "text_chars", "malformed", "error", "model", "response_id"):
+        assert getattr(meter, name) == getattr(reference, name), name
+    assert meter.text_chars > 0
+    if hide:
+        assert b'"choices":[],"usage"' in stream and b'"choices":[],"usage"' not in expected
+
+
 def test_stream_reaches_the_client_before_it_ends(ledger_path):
     """The first event is forwarded while the upstream still holds back the rest."""
     release = threading.Event()

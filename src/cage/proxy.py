@@ -496,28 +496,44 @@ _BOUNDARY = re.compile(rb"\r\n\r\n|\n\n|\r\r")
 
 
 class SSESplitter:
-    """Cuts a byte stream into complete SSE events (each with its blank-line terminator)."""
+    """Cuts a byte stream into runs of complete SSE events (each event with its blank-line
+    terminator); the bytes of an event still incomplete wait for the next chunk."""
 
     __slots__ = ("_buf",)
 
     def __init__(self) -> None:
         self._buf = b""
 
-    def push(self, chunk: bytes) -> list[bytes]:
-        """Add bytes; return the events completed by them, in order."""
+    def push(self, chunk: bytes) -> bytes:
+        """Add bytes; return the complete events they finish, as one run of bytes (b"" when
+        none is complete yet). ``split_events`` cuts a run into its events."""
         buf = self._buf + chunk if self._buf else chunk
-        events = []
-        start = 0
-        for match in _BOUNDARY.finditer(buf):
-            events.append(buf[start : match.end()])
-            start = match.end()
-        self._buf = buf[start:]
-        return events
+        if b"\r" in buf:
+            cut = 0
+            for match in _BOUNDARY.finditer(buf):
+                cut = match.end()
+        else:
+            # The usual case (every provider ends lines with \n): one search from the end.
+            cut = buf.rfind(b"\n\n") + 2 if b"\n\n" in buf else 0
+        self._buf = buf[cut:]
+        return buf[:cut]
 
     def rest(self) -> bytes:
         """Bytes of an unterminated last event (a stream that ended without a blank line)."""
         rest, self._buf = self._buf, b""
         return rest
+
+
+def split_events(run: bytes) -> list[bytes]:
+    """The events of a run of complete events; joined, they give ``run`` back exactly."""
+    events = []
+    start = 0
+    for match in _BOUNDARY.finditer(run):
+        events.append(run[start : match.end()])
+        start = match.end()
+    if start < len(run):
+        events.append(run[start:])
+    return events
 
 
 def parse_sse_event(raw: bytes) -> tuple[str | None, bytes | None]:
@@ -575,6 +591,48 @@ class StreamMeter:
         self.error = False
         self.model: str | None = None
         self.response_id: str | None = None
+
+    def feed(self, run: bytes) -> bytes:
+        """Meter a run of complete events (``SSESplitter.push``); returns the bytes to
+        forward: ``run`` itself, or ``run`` without the hidden usage chunk.
+
+        Text deltas, most of a stream, are metered together: a regex finds the next event
+        that is not a text delta (``_next_not_text``), the text fields before it are counted
+        in one pass, and only that event is parsed, by ``on_event``.
+        """
+        if b"\r" in run:
+            # CR line ends (no provider sends them): event by event.
+            kept = [raw for raw in split_events(run) if self.on_event(raw)]
+            return b"".join(kept)
+        api = self.api.name
+        out: list[bytes] | None = None  # pieces to forward, once one event was dropped
+        pos = 0
+        end = len(run)
+        while pos < end:
+            if self.response_id is not None:
+                # (Before the first event that names the response, nothing is skipped.)
+                found = _next_not_text(api, run, pos)
+                if found < 0:
+                    stop = end
+                else:  # up to the start of the event where it was found
+                    stop = run.rfind(b"\n\n", pos, found)
+                    stop = pos if stop < 0 else stop + 2
+                if stop > pos:
+                    self.text_chars += sum(len(m) for m in _TEXT_FIELD.findall(run, pos, stop))
+                    if out is not None:
+                        out.append(run[pos:stop])
+                    pos = stop
+                    continue
+            nxt = run.find(b"\n\n", pos)
+            nxt = end if nxt < 0 else nxt + 2
+            raw = run[pos:nxt]
+            if not self.on_event(raw):
+                if out is None:
+                    out = [run[:pos]]
+            elif out is not None:
+                out.append(raw)
+            pos = nxt
+        return run if out is None else b"".join(out)
 
     def on_event(self, raw: bytes) -> bool:
         """Meter one raw event; True when it is to be forwarded."""
@@ -667,11 +725,39 @@ class StreamMeter:
 
 
 # JSON string fields that carry generated text in the three APIs' stream deltas.
+# (The string body is written as an unrolled loop, runs of plain bytes matched at once.)
 _TEXT_FIELD = re.compile(
     rb'"(?:content|text|arguments|partial_json|thinking|delta|reasoning_content|refusal)"'
-    rb'\s*:\s*"((?:[^"\\]|\\.)*)"'
+    rb'\s*:\s*"([^"\\]*(?:\\.[^"\\]*)*)"'
 )
 _USAGE_OBJECT = re.compile(rb'"usage"\s*:\s*\{')
+# A data line that does not open with a text-delta type: the event may carry more than text
+# (the providers write "type" first; an event in any other order is simply parsed). Each
+# pattern starts with a literal, which the regex engine finds quickly.
+_DATA_NOT_TEXT = {
+    "messages": re.compile(rb'\ndata:(?! ?\{"type": ?"content_block_delta")'),
+    "responses": re.compile(rb'\ndata:(?! ?\{"type": ?"[\w.]+\.delta")'),
+}
+_FIRST_DATA_NOT_TEXT = {
+    api: re.compile(pattern.pattern[2:]) for api, pattern in _DATA_NOT_TEXT.items()
+}
+
+
+def _next_not_text(api: str, run: bytes, pos: int) -> int:
+    """Where, in the run of complete events from ``pos`` on, the first event that may carry
+    more than text shows it (-1: none does). In a chat stream that is a usage object or an
+    error; in the other two, a data line that is not a text delta."""
+    if api == "chat":
+        error = run.find(b'"error"', pos)
+        usage = _USAGE_OBJECT.search(run, pos)
+        if usage is None:
+            return error
+        return usage.start() if error < 0 else min(error, usage.start())
+    if pos == 0 and _FIRST_DATA_NOT_TEXT[api].match(run):
+        return 0
+    # Events start after a blank line, so run[pos - 1] is the newline before this one.
+    found = _DATA_NOT_TEXT[api].search(run, max(0, pos - 1))
+    return -1 if found is None else found.start() + 1
 
 
 def _is_text_delta(api: str, raw: bytes) -> bool:
@@ -1123,15 +1209,16 @@ class MeteringProxy:
                     break
                 if hide_usage:
                     # Forward each event as soon as it is complete, minus the hidden one.
-                    out = [raw for raw in splitter.push(chunk) if meter.on_event(raw)]
-                    if out and not await _write(response, b"".join(out)):
+                    out = meter.feed(splitter.push(chunk))
+                    if out and not await _write(response, out):
                         error = "client_disconnected"
                 else:
                     # Forward the bytes as they came, then meter them.
                     if not await _write(response, chunk):
                         error = "client_disconnected"
-                    for raw in splitter.push(chunk):
-                        meter.on_event(raw)
+                    run = splitter.push(chunk)
+                    if run:
+                        meter.feed(run)
         except asyncio.CancelledError:
             self._record_stream(call, meter, "client_disconnected")
             raise
