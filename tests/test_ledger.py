@@ -553,7 +553,9 @@ def test_add_many_fields_builds_the_rows_add_fields_builds():
             "model": "claude-sonnet-4",
             "input_tokens": n,
             "output_tokens": 2 * n,
+            "cache_read_tokens": 1,
             "cache_write_tokens": 3,
+            "cost_usd": None,
             "truth": "measured",
             "request_id": f"r{n}",
             "source": "claude-code",
@@ -572,6 +574,7 @@ def test_add_many_fields_builds_the_rows_add_fields_builds():
         fields(6, request_id="", extra={}),
         fields(7, role=None, duration_s=1.5),
         fields(8, truth=None),
+        {k: v for k, v in fields(9).items() if k != "cache_read_tokens"},  # a default
     ]
     expected = RowBatch()
     for event in [dict(e) for e in events]:
@@ -593,4 +596,4 @@ def test_add_many_fields_builds_the_rows_add_fields_builds():
     got = RowBatch()
     got.add_many_fields([dict(e) for e in events], price)
     assert (got.short, got.rows, got.sums) == (expected.short, expected.rows, expected.sums)
-    assert len(got.short) == 7 and len(got.rows) == 2
+    assert len(got.short) == 8 and len(got.rows) == 2

@@ -40,6 +40,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta, timezone
 from itertools import chain
+from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
@@ -442,6 +443,22 @@ def _rollup_add_sql(table: str, dims: Sequence[str]) -> str:
 # Fields that make an event a long row (see RowBatch): any of them present and non-empty.
 _LONG_FIELDS = frozenset(("role", "caller", "mission_id", "duration_s", "error_class"))
 
+# The fields of a common imported event, in one C call (a missing one: the general path).
+_TAKE_FIELDS = itemgetter(
+    "timestamp",
+    "provider",
+    "model",
+    "input_tokens",
+    "output_tokens",
+    "cache_read_tokens",
+    "cache_write_tokens",
+    "cost_usd",
+    "truth",
+    "request_id",
+    "source",
+    "extra",
+)
+
 # Where each rollup's dimensions sit in a RowBatch group key
 # (day, provider, model, caller, mission_id, truth).
 _GROUP_INDEX = {"provider": 1, "model": 2, "caller": 3, "mission_id": 4}
@@ -555,27 +572,42 @@ class RowBatch:
         extras = self._extras
         long_keys = _LONG_FIELDS
         key_of = request_key
+        take = _TAKE_FIELDS
         for fields in batch:
-            get = fields.get
-            cost = get("cost_usd")
-            extra = get("extra")
+            try:
+                (
+                    stamp,
+                    provider,
+                    model,
+                    inp,
+                    out,
+                    cache_read,
+                    cache_write,
+                    cost,
+                    truth,
+                    request_id,
+                    source,
+                    extra,
+                ) = take(fields)
+            except KeyError:  # a field left to its default: the general path
+                self._add_priced(fields, price)
+                continue
+            if not long_keys.isdisjoint(fields):
+                self._add_priced(fields, price)
+                continue
             if cost is None and price is not None:
                 cost = price(
-                    fields["provider"],
-                    fields["model"],
-                    fields["timestamp"],
-                    get("input_tokens", 0),
-                    get("output_tokens", 0),
-                    get("cache_read_tokens", 0),
-                    get("cache_write_tokens", 0),
+                    provider,
+                    model,
+                    stamp,
+                    inp,
+                    out,
+                    cache_read,
+                    cache_write,
                     int(extra.get("cache_write_1h_tokens") or 0) if extra else 0,
                 )
-                fields["cost_usd"] = cost
-                if get("truth") != "estimated":
-                    fields["truth"] = "modeled"
-            if not long_keys.isdisjoint(fields):
-                self.add_fields(fields)
-                continue
+                if truth != "estimated":
+                    truth = "modeled"
             if extra:
                 try:
                     items = tuple(extra.items())
@@ -588,15 +620,7 @@ class RowBatch:
                     extra_json = _encode_extra(extra)
             else:
                 extra_json = "{}"
-            stamp = fields["timestamp"]
-            provider = fields["provider"]
-            model = fields["model"]
-            inp = get("input_tokens", 0)
-            out = get("output_tokens", 0)
-            cache_read = get("cache_read_tokens", 0)
-            cache_write = get("cache_write_tokens", 0)
-            truth = get("truth", "estimated")
-            request_id = get("request_id") or None
+            request_id = request_id or None
             short.append(
                 (
                     stamp[:19] + "Z",
@@ -609,7 +633,7 @@ class RowBatch:
                     cost,
                     truth,
                     request_id,
-                    get("source"),
+                    source,
                     extra_json,
                     None if request_id is None else key_of(request_id),
                 )
@@ -628,6 +652,25 @@ class RowBatch:
                     group[6] += 1
                 else:
                     group[5] += cost
+
+    def _add_priced(self, fields: dict, price: Any) -> None:
+        """One event of ``add_many_fields`` the general way: priced, then ``add_fields``."""
+        get = fields.get
+        if get("cost_usd") is None and price is not None:
+            extra = get("extra")
+            fields["cost_usd"] = price(
+                fields["provider"],
+                fields["model"],
+                fields["timestamp"],
+                get("input_tokens", 0),
+                get("output_tokens", 0),
+                get("cache_read_tokens", 0),
+                get("cache_write_tokens", 0),
+                int(extra.get("cache_write_1h_tokens") or 0) if extra else 0,
+            )
+            if get("truth") != "estimated":
+                fields["truth"] = "modeled"
+        self.add_fields(fields)
 
     def _add(
         self,

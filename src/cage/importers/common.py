@@ -674,9 +674,13 @@ class _Importer:
         try:
             with open(path, "rb") as handle:
                 handle.seek(resume.offset)
-                for line_no, start, end, raw in read_complete_lines(
-                    handle, resume.offset, resume.line
-                ):
+                # read_complete_lines, inlined: this loop runs once per line of the tree.
+                for raw in handle:
+                    if raw[-1] != 10 and not _is_complete_json(raw):  # 10: b"\n"
+                        break  # unfinished: left for the next import
+                    start = end
+                    end += len(raw)
+                    line_no += 1
                     try:
                         items = parse(raw, line_no)
                     except BadLine as exc:
