@@ -78,8 +78,17 @@ def upstream():
             disconnects.append(request.path)
             raise
 
+    bodies: list[bytes] = []
+
+    @web.middleware
+    async def note_bodies(request: web.Request, handler):
+        if request.method == "POST":
+            bodies.append(await request.read())
+        return await handler(request)
+
     app = mockupstream.create_app()
     app.middlewares.append(note_disconnects)
+    app.middlewares.append(note_bodies)
     seen: list[dict[str, str]] = []
 
     async def echo(request: web.Request) -> web.Response:
@@ -90,6 +99,7 @@ def upstream():
     server = ServerThread(app)
     server.seen = seen
     server.disconnects = disconnects
+    server.bodies = bodies
     yield server
     server.stop()
 
@@ -244,6 +254,47 @@ def test_chat_stream_usage_chunk_kept_when_the_client_asked(proxy, ledger_path):
     usage_chunks = [c for c in sse_data(data) if c != "[DONE]" and c["choices"] == []]
     assert len(usage_chunks) == 1
     assert usage_chunks[0]["usage"]["completion_tokens"] == mockupstream.DEFAULT_REPLY_WORDS
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        # The usual request: the option is added in front, the rest goes as it came.
+        b'{"model":"gpt-4o-mini","stream":true,"max_tokens":9,'
+        b'"messages":[{"role":"user","content":"caf\\u00e9  \\"q\\""}]}',
+        b' \n {"stream": true, "model": "gpt-4o-mini", "max_tokens": 9, "messages": []}',
+        # Options the client set are kept; an encoding other than UTF-8 is re-encoded.
+        b'{"model":"gpt-4o-mini","stream":true,"stream_options":{"include_usage":false,'
+        b'"x":1},"messages":[]}',
+        b'{"model":"gpt-4o-mini","stream":true,"stream_options":null,"messages":[]}',
+        json.dumps({"model": "gpt-4o-mini", "stream": True, "messages": []}).encode("utf-16"),
+    ],
+    ids=["compact", "spaced", "options", "null-options", "utf-16"],
+)
+def test_chat_stream_usage_is_asked_for_whatever_the_request_looks_like(
+    upstream, proxy, ledger_path, raw
+):
+    async def go() -> bytes:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(proxy.url + "/v1/chat/completions", data=raw) as response,
+        ):
+            assert response.status == 200
+            return await response.read()
+
+    del upstream.bodies[:]
+    chunks = sse_data(asyncio.run(go()))
+    assert chunks[-1] == "[DONE]" and all(c == "[DONE]" or c["choices"] for c in chunks)
+    (sent,) = upstream.bodies
+    wanted = json.loads(raw)
+    wanted["stream_options"] = {**(wanted.get("stream_options") or {}), "include_usage": True}
+    assert json.loads(sent) == wanted
+    if b"stream_options" not in raw and raw[:1] in b" {":
+        start = raw.index(b"{") + 1
+        assert sent == raw[:start] + b'"stream_options":{"include_usage":true},' + raw[start:]
+    proxy.flush()
+    (event,) = events_of(ledger_path)
+    assert event.truth == "measured" and event.error_class is None
 
 
 def test_anthropic_message_delta_usage_is_cumulative_not_added(proxy, ledger_path):

@@ -1014,11 +1014,7 @@ class MeteringProxy:
             if not (isinstance(options, dict) and options.get("include_usage") is True):
                 # Without it a chat stream reports no usage at all; the client did not ask
                 # for the extra usage-only chunk, so it is removed from what it sees.
-                payload["stream_options"] = {
-                    **(options if isinstance(options, dict) else {}),
-                    "include_usage": True,
-                }
-                body = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
+                body = _ask_for_usage(body, payload)
                 hide_usage = True
 
         if self.guard.cap_usd is not None and (api.provider, model) not in _rates_cache:
@@ -1469,6 +1465,28 @@ def _response_headers(headers: Mapping[str, str], *, decoded: bool) -> CIMultiDi
             continue
         out.add(name, value)
     return out
+
+
+_INCLUDE_USAGE = b'"stream_options":{"include_usage":true},'
+
+
+def _ask_for_usage(body: bytes, payload: dict[str, Any]) -> bytes:
+    """The chat request ``body`` (``payload`` decoded) with stream_options.include_usage set.
+
+    The usual request has no stream_options: the member is then written in front of the
+    others, and the rest of the body (the whole conversation) is sent as it came, not
+    decoded and encoded again.
+    """
+    if "stream_options" not in payload and payload and json.detect_encoding(body) == "utf-8":
+        start = body.find(b"{")
+        if start >= 0 and not body[:start].strip():
+            return body[: start + 1] + _INCLUDE_USAGE + body[start + 1 :]
+    options = payload.get("stream_options")
+    payload["stream_options"] = {
+        **(options if isinstance(options, dict) else {}),
+        "include_usage": True,
+    }
+    return json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
 
 
 def _error_response(
