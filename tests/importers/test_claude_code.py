@@ -608,3 +608,30 @@ def test_several_readers_write_what_one_reader_writes(
     assert kept["anthropic:req_1_1"] == (2, "s1")  # the main copy, not the sidechain's 999
     assert kept["anthropic:req_0_0"] == (1, "s0")  # the first file's copy
     assert len(states) == 10
+
+
+def test_a_failing_reader_is_named_and_what_came_before_is_kept(
+    tmp_path, ledger_db, capsys, monkeypatch
+):
+    import cage.importers.common as common
+
+    monkeypatch.setattr(common, "PIPELINE_MIN_BYTES", 0)
+    monkeypatch.setattr(common, "reader_count", lambda total, files: 2)
+
+    class Failing(claude_code.FileParser):
+        def parse(self, raw, line_no):
+            if self.path.name == "s3.jsonl":
+                raise RuntimeError("boom")
+            return super().parse(raw, line_no)
+
+    for n in range(6):
+        write_lines(project(tmp_path) / f"s{n}.jsonl", [claude_line(f"msg_{n}", f"req_{n}")])
+    monkeypatch.setattr(claude_code, "FileParser", Failing)
+    assert main(["import", "claude-code", str(tmp_path / "claude")]) == 1
+    assert "the transcript reader failed: RuntimeError: boom" in capsys.readouterr().err
+    assert [r["request_id"] for r in ledger_rows(ledger_db)] == [
+        f"anthropic:req_{n}" for n in range(3)
+    ]
+    monkeypatch.setattr(claude_code, "FileParser", Failing.__mro__[1])
+    code, doc = run_import(capsys, str(tmp_path / "claude"))
+    assert (code, doc["imported"], doc["files_unchanged"]) == (0, 3, 3)

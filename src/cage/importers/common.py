@@ -783,8 +783,52 @@ def reader_count(total_bytes: int, files: int) -> int:
     return max(1, min(MAX_READERS, cpus, files, total_bytes // max(PIPELINE_MIN_BYTES, 1)))
 
 
+# Messages a reader may have ready and not yet sent: it goes on parsing while the writer is
+# busy committing (each message at most a batch of BATCH_SIZE events, a few MB pickled).
+OUTBOX_SIZE = 8
+
+
+class _Outbox:
+    """A reader's messages, pickled as they are made and sent by a thread, so that parsing
+    goes on while the pipe is full (the writer committing, or another reader's turn)."""
+
+    def __init__(self, conn: Any) -> None:
+        import queue
+        import threading
+        from multiprocessing.reduction import ForkingPickler
+
+        self.conn = conn
+        self._dumps = ForkingPickler.dumps  # what Connection.send uses: recv() reads it
+        self._queue: Any = queue.Queue(OUTBOX_SIZE)
+        self.failed: BaseException | None = None
+        self._thread = threading.Thread(target=self._send_all, daemon=True)
+        self._thread.start()
+
+    def _send_all(self) -> None:
+        while True:
+            data = self._queue.get()
+            if data is None:
+                return
+            if self.failed is None:
+                try:
+                    self.conn.send_bytes(data)
+                except BaseException as exc:  # the writer is gone: put() says so
+                    self.failed = exc  # and this loop goes on draining, so put() never hangs
+
+    def put(self, message: tuple) -> None:
+        """Queue one message (waits while ``OUTBOX_SIZE`` are queued)."""
+        if self.failed is not None:
+            raise OSError(f"the writer stopped reading: {self.failed}")
+        self._queue.put(self._dumps(message))
+
+    def close(self) -> None:
+        """Send what is queued, then stop the thread."""
+        self._queue.put(None)
+        self._thread.join()
+
+
 class _SendSink:
-    """In a reader process: batches, states and the end of each file go down the pipe.
+    """In a reader process: batches, states and the end of each file go to the writer.
 
     ``prepare`` (when given) turns a batch into what the writer's sink takes, here in the
     reader: the per-row work (pricing, row building) then runs beside the writer's SQL
@@ -792,8 +836,8 @@ class _SendSink:
     bytes read since the last one, for the writer's progress line.
     """
 
-    def __init__(self, conn: Any, prepare: Any = None) -> None:
-        self.conn = conn
+    def __init__(self, outbox: _Outbox, prepare: Any = None) -> None:
+        self.outbox = outbox
         self.prepare = prepare
         self.done = 0  # bytes read and not yet reported
 
@@ -804,7 +848,7 @@ class _SendSink:
     def send(self, kind: str, payload: Any) -> None:
         """One message: ``(kind, payload, bytes read since the last message)``."""
         done, self.done = self.done, 0
-        self.conn.send((kind, payload, done))
+        self.outbox.put((kind, payload, done))
 
     def __call__(self, batch: list[dict]) -> tuple[int, int]:
         self.send("events", self.prepare(batch) if self.prepare else batch)
@@ -834,8 +878,10 @@ def _reader_main(conn: Any, job: dict, first: int, step: int) -> None:
     After each file it sends that file's events and state, then ``next``: the writer takes
     the files in the order of the list, whichever reader parsed them.
     """
+    outbox = None
     try:
-        sink = _SendSink(conn, job.get("prepare"))
+        outbox = _Outbox(conn)
+        sink = _SendSink(outbox, job.get("prepare"))
         store = StateStore(job["state_path"])
         try:
             report = ImportReport(source=job["report_source"])
@@ -856,13 +902,19 @@ def _reader_main(conn: Any, job: dict, first: int, step: int) -> None:
         finally:
             store.close()
         sink.send("done", report)
+        outbox.close()
     except KeyboardInterrupt:
         pass  # Ctrl-C reaches every process; the writer reports it
     except BaseException as exc:  # the writer re-raises it; nothing may die silently here
         import traceback
 
+        message = ("error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}", 0)
         with contextlib.suppress(OSError, ValueError):  # the writer may be gone already
-            conn.send(("error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}", 0))
+            if outbox is None:
+                conn.send(message)
+            else:
+                outbox.put(message)  # after what is queued: messages stay in order
+                outbox.close()
     finally:
         with contextlib.suppress(OSError):
             conn.close()
@@ -902,6 +954,8 @@ def import_files_pipelined(
     """
     import multiprocessing
 
+    from cage.errors import TranscriptError
+
     combine = combine or _concatenate
     readers = max(1, min(readers, len(files)))
     # fork: the readers inherit the parser classes and file list without pickling them. They
@@ -933,8 +987,12 @@ def import_files_pipelined(
             conns.append(receiver)
             processes.append(process)
         writer = _PipelineWriter(source, sink, state, report, combine, progress)
-        for index in range(len(files)):
-            writer.take_file(conns[index % readers], processes[index % readers])
+        try:
+            for index in range(len(files)):
+                writer.take_file(conns[index % readers], processes[index % readers])
+        except TranscriptError:
+            writer.commit()  # a reader failed: keep what the files before it gave
+            raise
         parts = [
             writer.take_done(conn, process) for conn, process in zip(conns, processes, strict=True)
         ]
