@@ -34,6 +34,7 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
+from aiohttp.payload import BytesPayload
 from multidict import CIMultiDict
 from yarl import URL
 
@@ -622,7 +623,7 @@ class StreamMeter:
                     stop = run.rfind(b"\n\n", pos, found)
                     stop = pos if stop < 0 else stop + 2
                 if stop > pos:
-                    self.text_chars += sum(len(m) for m in _TEXT_FIELD.findall(run, pos, stop))
+                    self.text_chars += sum(map(len, _TEXT_FIELD.findall(run, pos, stop)))
                     if out is not None:
                         out.append(run[pos:stop])
                     pos = stop
@@ -643,7 +644,7 @@ class StreamMeter:
         if self.response_id is not None and _is_text_delta(self.api.name, raw):
             # Most events of a stream are text deltas: measured by a regex over the raw
             # bytes, not parsed, to keep the proxy's CPU per call low.
-            self.text_chars += sum(len(m) for m in _TEXT_FIELD.findall(raw))
+            self.text_chars += sum(map(len, _TEXT_FIELD.findall(raw)))
             return True
         _name, data = parse_sse_event(raw)
         if data is None or data == b"[DONE]":
@@ -886,6 +887,7 @@ class MeteringProxy:
         self._raw_session: aiohttp.ClientSession | None = None
         self._runner: web.AppRunner | None = None
         self._mock_runner: web.AppRunner | None = None
+        self._urls: dict[tuple[str, str], URL] = {}
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -981,6 +983,16 @@ class MeteringProxy:
 
     # -- routing --------------------------------------------------------------------------
 
+    def _upstream_url(self, provider: str, raw_path: str) -> URL:
+        """The upstream URL of a metered request path (a handful of them: cached)."""
+        key = (provider, raw_path)
+        url = self._urls.get(key)
+        if url is None:
+            if len(self._urls) >= 256:  # paths with ever-changing query strings
+                self._urls.clear()
+            url = self._urls[key] = URL(self.upstreams[provider] + raw_path, encoded=True)
+        return url
+
     async def _dispatch(self, request: web.BaseRequest) -> web.StreamResponse:
         api = METERED.get(request.path) if request.method == "POST" else None
         if api is not None:
@@ -1073,10 +1085,11 @@ class MeteringProxy:
     ) -> web.StreamResponse:
         assert self._session is not None and self.guard is not None
         api = call.api
-        url = URL(self.upstreams[api.provider] + request.raw_path, encoded=True)
+        url = self._upstream_url(api.provider, request.raw_path)
         headers = _request_headers(request.headers, metered=True)
         try:
-            upstream = await self._session.post(url, data=body, headers=headers)
+            # Wrapped here, so aiohttp does not look up a payload type for it.
+            upstream = await self._session.post(url, data=BytesPayload(body), headers=headers)
         except _CONNECT_ERRORS as exc:
             # Nothing reached the upstream: nothing was spent, nothing is recorded.
             call.done = True
@@ -1476,18 +1489,22 @@ def _request_headers(headers: Mapping[str, str], *, metered: bool) -> CIMultiDic
     return out
 
 
-def _response_headers(headers: Mapping[str, str], *, decoded: bool) -> CIMultiDict:
-    """Upstream headers to send to the client; the proxy frames the body itself."""
+def _response_headers(headers: Mapping[str, str], *, decoded: bool) -> list[tuple[str, str]]:
+    """Upstream headers to send to the client; the proxy frames the body itself.
+
+    A list: the response copies it into its own header dict, once.
+    """
     drop = _connection_tokens(headers)
-    out: CIMultiDict = CIMultiDict()
-    for name, value in headers.items():
-        lower = name.lower()
-        if lower in HOP_BY_HOP or lower in drop or lower == "content-length":
-            continue
-        if decoded and lower == "content-encoding":
-            continue
-        out.add(name, value)
-    return out
+    skip = _SKIP_DECODED if decoded else _SKIP_RAW
+    return [
+        (name, value)
+        for name, value in headers.items()
+        if name.lower() not in skip and (not drop or name.lower() not in drop)
+    ]
+
+
+_SKIP_RAW = HOP_BY_HOP | {"content-length"}
+_SKIP_DECODED = _SKIP_RAW | {"content-encoding"}
 
 
 _INCLUDE_USAGE = b'"stream_options":{"include_usage":true},'
