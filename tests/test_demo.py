@@ -83,11 +83,7 @@ def test_a_quick_same_size_edit_after_a_reset_reaches_the_mission_snapshot(demo_
     ops = repo / repository.OPS_PATH
     ops.write_text(ops.read_text().replace(repository.BUGGY_LINE, repository.FIXED_LINE))
     time.sleep(1.02 - time.time() % 1.0)  # the index copy is made in a later second
-    git = gitio.Repo(repo)
-    try:
-        snapshot = git.snapshot(ref="refs/cage/missions/quick", message="snapshot")
-    finally:
-        git.close()
+    snapshot = gitio.Repo(repo).snapshot(ref="refs/cage/missions/quick", message="snapshot")
     assert snapshot.tree != repository.git(repo, "rev-parse", f"{base}^{{tree}}").strip()
 
 

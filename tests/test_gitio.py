@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import tempfile
 import time
@@ -12,7 +13,7 @@ import psutil
 import pytest
 
 from cage.errors import GitError
-from cage.gitio import Change, Repo, parse_raw_diff
+from cage.gitio import Change, Repo, parse_cat_file_batch, parse_raw_diff
 
 ZERO = "0" * 40
 
@@ -31,17 +32,6 @@ ODD_PATHS = [
 def worktrees(repo) -> list[str]:
     out = repo.git("worktree", "list", "--porcelain")
     return [line[len("worktree ") :] for line in out.splitlines() if line.startswith("worktree ")]
-
-
-def cat_file_children() -> list[psutil.Process]:
-    found = []
-    for child in psutil.Process().children(recursive=True):
-        try:
-            if "cat-file" in child.cmdline():
-                found.append(child)
-        except psutil.Error:
-            pass
-    return found
 
 
 # -- opening ----------------------------------------------------------------------------------
@@ -203,7 +193,6 @@ def test_diff_ignores_an_inherited_git_dir(git_repo, tmp_path, monkeypatch):
     repo = Repo(git_repo.path)
     [change] = repo.diff(base, head)
     assert repo.read_blobs([change.new_sha]) == {change.new_sha: b"2"}
-    repo.close()
 
 
 def test_parse_raw_diff_splits_rename_records_into_delete_and_add():
@@ -223,12 +212,12 @@ def test_parse_raw_diff_rejects_garbage():
 # -- blobs ------------------------------------------------------------------------------------
 
 
-def test_read_blobs_reads_1500_blobs_through_one_process(git_repo):
+def test_read_blobs_reads_1500_blobs_through_one_process(git_repo, tmp_path, monkeypatch):
     base = git_repo.commit()
     # One fast-import stream builds the 1,500-file commit without touching the disk per file.
     stream = [f"commit refs/heads/main\ncommitter t <t@t> 0 +0000\ndata 4\nhead\nfrom {base}\n"]
     for i in range(1500):
-        content = f"value = {i}\n"
+        content = f"value = {i}\n" + "x" * (i % 97) * 50  # sizes vary, some over a pipe buffer
         stream.append(f"M 100644 inline pkg/m{i}.py\ndata {len(content)}\n{content}\n")
     git_repo.git("fast-import", "--quiet", input="".join(stream).encode())
     head = git_repo.git("rev-parse", "main").strip()
@@ -236,20 +225,20 @@ def test_read_blobs_reads_1500_blobs_through_one_process(git_repo):
     changes = repo.diff(base, head)
     assert len(changes) == 1500
 
+    # A `git` first on PATH that logs each call, then runs the real one.
+    real_git = shutil.which("git")
+    log = tmp_path / "git-calls.log"
+    wrapper = tmp_path / "bin" / "git"
+    wrapper.parent.mkdir()
+    wrapper.write_text(f'#!/bin/sh\necho "$*" >> {log}\nexec {real_git} "$@"\n')
+    wrapper.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{wrapper.parent}{os.pathsep}{os.environ['PATH']}")
+
     blobs = repo.read_blobs(c.new_sha for c in changes)
-    cat = repo._cat
-    [process] = cat_file_children()
+    assert log.read_text().count("cat-file") == 1
     assert len(blobs) == 1500
-    assert blobs[changes[0].new_sha].startswith(b"value = ")
-
-    # A second batch reuses the same object reader and the same git process.
-    repo.read_blobs(c.new_sha for c in changes[:10])
-    assert repo._cat is cat
-    assert [p.pid for p in cat_file_children()] == [process.pid]
-
-    repo.close()
-    process.wait(timeout=10)
-    assert cat_file_children() == []
+    for i, change in enumerate(sorted(changes, key=lambda c: int(c.path[5:-3]))):
+        assert blobs[change.new_sha] == (f"value = {i}\n" + "x" * (i % 97) * 50).encode()
 
 
 def test_read_blobs_missing_object_is_a_git_error_and_reading_stays_in_step(git_repo):
@@ -265,7 +254,27 @@ def test_read_blobs_missing_object_is_a_git_error_and_reading_stays_in_step(git_
     with pytest.raises(GitError, match="not a hexadecimal"):
         repo.read_blobs(["HEAD:a.txt"])
     assert repo.read_blobs([b, a]) == {b: b"beta", a: b"alpha"}
-    repo.close()
+
+
+@pytest.mark.parametrize(
+    ("out", "message"),
+    [
+        (b"", "ends before"),
+        (b"aaaa blob 5\nabc", "cut short"),
+        (b"aaaa blob 5\nabcdefgh\n", "cut short"),
+        (b"bbbb blob 1\nx\n", "answered bbbb"),
+        (b"aaaa blob five\nx\n", "malformed header"),
+        (b"aaaa ambiguous\n", "ambiguous"),
+    ],
+)
+def test_a_cat_file_stream_out_of_step_is_a_git_error(out, message):
+    with pytest.raises(GitError, match=message):
+        parse_cat_file_batch(out, ["aaaa"])
+
+
+def test_a_cat_file_stream_keeps_newlines_inside_content():
+    out = b"aaaa blob 3\n\n\n\n\nbbbb blob 0\n\n"
+    assert parse_cat_file_batch(out, ["aaaa", "bbbb"]) == {"aaaa": b"\n\n\n", "bbbb": b""}
 
 
 def test_read_blobs_binary_content_is_exact(git_repo):
@@ -274,7 +283,6 @@ def test_read_blobs_binary_content_is_exact(git_repo):
     commit = git_repo.commit()
     repo = Repo(git_repo.path)
     assert repo.read_file_at(commit, "blob.bin") == payload
-    repo.close()
 
 
 # -- files at a commit ------------------------------------------------------------------------
@@ -318,7 +326,6 @@ def test_read_file_at(tree_repo):
         "linked.yaml/x",
     ):
         assert repo.read_file_at(head, path) is None, path
-    repo.close()
 
 
 def test_entry_at_says_what_is_there(tree_repo):

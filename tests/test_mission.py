@@ -148,10 +148,8 @@ def test_snapshot_records_everything_and_touches_nothing(worked_on):
         repo.git("status", "--porcelain", "--untracked-files=all"),
         (repo.path / ".git/index").read_bytes(),
     )
-    with gitio.Repo(repo.path) as r:
-        snap = r.snapshot(
-            ref="refs/cage/missions/m", message="snap", keep_from_head=".runcap/outcomes"
-        )
+    r = gitio.Repo(repo.path)
+    snap = r.snapshot(ref="refs/cage/missions/m", message="snap", keep_from_head=".runcap/outcomes")
     after = (
         repo.git("rev-parse", "HEAD"),
         repo.git("symbolic-ref", "HEAD"),
@@ -178,16 +176,16 @@ def test_snapshot_records_everything_and_touches_nothing(worked_on):
 
 def test_dirty_paths_skip_receipts(worked_on):
     repo, _base = worked_on
-    with gitio.Repo(repo.path) as r:
-        assert set(r.dirty_paths(skip_prefix=".runcap/outcomes/")) == {
-            "a.txt",
-            "b.txt",
-            "c.txt",
-            "new/d.txt",
-        }
+    r = gitio.Repo(repo.path)
+    assert set(r.dirty_paths(skip_prefix=".runcap/outcomes/")) == {
+        "a.txt",
+        "b.txt",
+        "c.txt",
+        "new/d.txt",
+    }
     repo.commit("everything")
-    with gitio.Repo(repo.path) as r:
-        assert r.dirty_paths(skip_prefix=".runcap/outcomes/") == []
+    r = gitio.Repo(repo.path)
+    assert r.dirty_paths(skip_prefix=".runcap/outcomes/") == []
 
 
 def test_mission_reason_codes_are_documented_and_distinct_from_the_gates():
@@ -212,8 +210,8 @@ def test_snapshot_sees_a_same_size_edit_in_the_index_timestamp(git_repo):
     os.utime(git_repo.path / ".git" / "index", (stamp, stamp))
     path.write_text("new\n")  # same size, same mtime: only the content tells
     os.utime(path, (stamp, stamp))
-    with gitio.Repo(git_repo.path) as r:
-        snap = r.snapshot(ref="refs/cage/missions/racy", message="snap")
+    r = gitio.Repo(git_repo.path)
+    snap = r.snapshot(ref="refs/cage/missions/racy", message="snap")
     assert git_repo.git("show", f"{snap.commit}:a.txt") == "new\n"
 
 

@@ -629,55 +629,54 @@ def spend_only_verdict(
         repo = gitio.Repo(repo_path)
     except GitError as exc:
         return adj.blocked("not_a_repository", f"{repo_path}: not a git repository ({exc})")
-    with repo:
-        try:
-            base, head = repo.resolve_commit(base_rev), repo.resolve_commit(head_rev)
-        except GitError as exc:
-            return adj.blocked(
-                "unresolvable_revision",
-                f"{exc}; fetch both commits (actions/checkout with fetch-depth: 0)",
-            )
-        path = policy_mod.POLICY_PATH
-        data = repo.read_file_at(base, path)
-        if data is None:
-            return adj.blocked(
-                "policy_missing",
-                f"{path} is not a regular file at the base commit {base[:12]}",
-                base=base,
-                head=head,
-            )
-        info = {"path": path, "hash": policy_mod.hash_policy(data), "source": "base"}
-        try:
-            policy = policy_mod.load_policy(data, f"{path}@{base[:12]}")
-        except PolicyError as exc:
-            verdict = adj.Verdict(
-                adj.BLOCKED,
-                [adj.Reason("policy_invalid", line, path) for line in exc.problems],
-                base=base,
-                head=head,
-                policy=info,
-            )
-            verdict.verdict, verdict.reasons = adj.decide(verdict.reasons)
-            return verdict
-        changes = repo.diff(base, head)
-        if not changes:
-            return adj.blocked(
-                "empty_change",
-                f"base {base[:12]} and head {head[:12]} have the same content",
-                base=base,
-                head=head,
-                policy=info,
-            )
-        assessment = assess_change(
-            repo,
+    try:
+        base, head = repo.resolve_commit(base_rev), repo.resolve_commit(head_rev)
+    except GitError as exc:
+        return adj.blocked(
+            "unresolvable_revision",
+            f"{exc}; fetch both commits (actions/checkout with fetch-depth: 0)",
+        )
+    path = policy_mod.POLICY_PATH
+    data = repo.read_file_at(base, path)
+    if data is None:
+        return adj.blocked(
+            "policy_missing",
+            f"{path} is not a regular file at the base commit {base[:12]}",
             base=base,
             head=head,
-            changes=changes,
-            mode=policy.spend_evidence,
-            limit_usd=policy.budget.mission_hard_limit_usd,
-            key=key,
-            evidence_path=evidence_path,
         )
+    info = {"path": path, "hash": policy_mod.hash_policy(data), "source": "base"}
+    try:
+        policy = policy_mod.load_policy(data, f"{path}@{base[:12]}")
+    except PolicyError as exc:
+        verdict = adj.Verdict(
+            adj.BLOCKED,
+            [adj.Reason("policy_invalid", line, path) for line in exc.problems],
+            base=base,
+            head=head,
+            policy=info,
+        )
+        verdict.verdict, verdict.reasons = adj.decide(verdict.reasons)
+        return verdict
+    changes = repo.diff(base, head)
+    if not changes:
+        return adj.blocked(
+            "empty_change",
+            f"base {base[:12]} and head {head[:12]} have the same content",
+            base=base,
+            head=head,
+            policy=info,
+        )
+    assessment = assess_change(
+        repo,
+        base=base,
+        head=head,
+        changes=changes,
+        mode=policy.spend_evidence,
+        limit_usd=policy.budget.mission_hard_limit_usd,
+        key=key,
+        evidence_path=evidence_path,
+    )
     reasons = [adj.Reason(code, message, where) for code, message, where in assessment.reasons]
     name, ordered = adj.decide(reasons)
     return adj.Verdict(

@@ -1,8 +1,9 @@
 """Every git call cage makes: resolve, diff, read blobs, worktrees.
 
 One git process per operation, never one per file: the change is listed by one
-``git diff-tree --raw -z``, blobs are read through one persistent ``git cat-file --batch``
-(GitPython's object access), and a path question about a commit is one ``git ls-tree``.
+``git diff-tree --raw -z``, the blobs of a change are read by one ``git cat-file --batch``
+(every request written at once, the answers read as one stream), and a path question about
+a commit is one ``git ls-tree``.
 
 The repository under judgement is hostile input. Its tree chooses attributes
 (``.gitattributes``), and code it ran earlier (a verify command in a worktree) may have
@@ -72,7 +73,7 @@ SAFE_CONFIG: tuple[str, ...] = (
 )
 
 # Variables that would redirect git to another repository, index or program. cage always
-# names the repository with -C (or GIT_DIR for the persistent cat-file), never inherits one.
+# names the repository with -C, never inherits one.
 _DROPPED_ENV = (
     "GIT_DIR",
     "GIT_WORK_TREE",
@@ -237,6 +238,35 @@ def parse_ls_tree(out: bytes) -> list[TreeEntry]:
     return entries
 
 
+_HEX = frozenset("0123456789abcdefABCDEF")
+
+
+def parse_cat_file_batch(out: bytes, wanted: Sequence[str]) -> dict[str, bytes]:
+    """Parse ``git cat-file --batch`` output: for each request in order, ``<sha> <type>
+    <size>\n<content>\n``, or ``<name> missing`` / ``ambiguous``. GitError when an object
+    is absent or the stream does not match the requests."""
+    blobs: dict[str, bytes] = {}
+    pos = 0
+    for sha in wanted:
+        eol = out.find(b"\n", pos)
+        if eol < 0:
+            raise GitError(f"git cat-file: the output ends before object {sha}")
+        header = out[pos:eol].decode("ascii", "replace").split()
+        if len(header) == 2 and header[1] in ("missing", "ambiguous"):
+            raise GitError(f"git cat-file: object {sha} is {header[1]}")
+        if len(header) != 3 or not header[2].isdigit():
+            raise GitError(f"git cat-file: malformed header {out[pos:eol][:80]!r} for {sha}")
+        name, size = header[0], int(header[2])
+        if len(name) == len(sha) and name != sha.lower():
+            raise GitError(f"git cat-file answered {name} when asked for {sha}")
+        start, end = eol + 1, eol + 1 + size
+        if out[end : end + 1] != b"\n":
+            raise GitError(f"git cat-file: the content of {sha} is cut short")
+        blobs[sha] = out[start:end]
+        pos = end + 1
+    return blobs
+
+
 class Repo:
     """A git repository, accessed only through the git binary with safe settings."""
 
@@ -255,7 +285,6 @@ class Repo:
         self.git_dir = Path(lines[1])
         cdup = lines[2] if len(lines) > 2 else ""
         self.root: Path = self.git_dir if self.bare else (start / cdup).resolve()
-        self._cat: Any = None  # GitPython Git with the persistent cat-file, made on first use
 
     # -- running git ------------------------------------------------------------------------
 
@@ -377,46 +406,26 @@ class Repo:
 
     # -- objects -----------------------------------------------------------------------------
 
-    def _cat_file(self) -> Any:
-        """The GitPython command object holding the one persistent ``cat-file --batch``."""
-        if self._cat is None:
-            import git  # lazy: GitPython costs tens of milliseconds to import
-
-            cat = git.Git(str(self.root))
-            # GitPython starts from os.environ; pin the repository explicitly so an inherited
-            # GIT_DIR cannot point the reader at another object store.
-            cat.update_environment(**_SET_ENV, GIT_DIR=str(self.git_dir))
-            cat.set_persistent_git_options(c=list(SAFE_CONFIG))
-            self._cat = cat
-        return self._cat
-
     def read_blobs(self, shas: Iterable[str]) -> dict[str, bytes]:
-        """Content of each object, read through one persistent ``git cat-file --batch``."""
-        cat = self._cat_file()
-        blobs: dict[str, bytes] = {}
-        for sha in shas:
-            if sha in blobs:
-                continue
-            if not sha or not all(c in "0123456789abcdefABCDEF" for c in sha):
+        """Content of each object, all read by one ``git cat-file --batch``.
+
+        Every request is written at once and the answers are read as one stream, as the
+        git floor does: no round trip per object (writing a request and waiting for its
+        answer costs ~40 us of both processes' time per blob, 2,000 of them for a change of
+        1,000 files).
+        """
+        wanted = list(dict.fromkeys(shas))
+        for sha in wanted:
+            if not sha or len(sha) > 64 or not all(c in _HEX for c in sha):
                 raise GitError(f"cannot read object {sha!r}: not a hexadecimal object name")
-            try:
-                got, _, _, data = cat.get_object_data(sha)
-            except ValueError as exc:  # "<sha> missing": the stream stays in step
-                raise GitError(f"git cat-file: object {sha} is missing: {exc}") from exc
-            except BaseException as exc:
-                # Interrupted half-way (Ctrl-C, a dead process): the stream may be out of step
-                # with the requests, so it is never used again.
-                self.close()
-                if not isinstance(exc, Exception):
-                    raise
-                raise GitError(f"git cat-file --batch failed reading {sha}: {exc}") from exc
-            if isinstance(got, bytes):  # GitPython gives the header's name as bytes
-                got = got.decode("ascii", "replace")
-            if len(sha) == len(got) and got != sha.lower():
-                self.close()
-                raise GitError(f"git cat-file answered {got} when asked for {sha}")
-            blobs[sha] = data
-        return blobs
+        if not wanted:
+            return {}
+        out = self._run(
+            ["cat-file", "--batch"],
+            what=f"reading {len(wanted)} object(s)",
+            input="".join(f"{sha}\n" for sha in wanted).encode("ascii"),
+        )
+        return parse_cat_file_batch(out, wanted)
 
     def entry_at(self, commit: str, path: str) -> TreeEntry | None:
         """The tree entry at exactly ``path`` in ``commit`` (any type), or None."""
@@ -661,19 +670,6 @@ class Repo:
             if target in wanted:
                 found.append(admin)
         return found
-
-    def close(self) -> None:
-        """Stop the persistent cat-file process."""
-        if self._cat is not None:
-            with contextlib.suppress(Exception):
-                self._cat.clear_cache()
-            self._cat = None
-
-    def __enter__(self) -> Repo:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 class PendingWorktree:

@@ -75,20 +75,19 @@ def grade(repo_path: str, base_rev: str, head_rev: str) -> dict[str, Any]:
         repo = gitio.Repo(repo_path)
     except GitError as exc:
         raise UsageError(f"grade mode: {exc}") from None
-    with repo:
-        try:
-            base = repo.resolve_commit(base_rev)
-            head = repo.resolve_commit(head_rev)
-        except GitError as exc:
-            raise UsageError(f"grade mode: {exc}") from None
-        found = [
-            c
-            for c in repo.diff(base, head)
-            if pathrules.is_receipt_path(c.path)
-            and c.status != "D"
-            and c.new_mode in gitio.REGULAR_MODES
-        ]
-        blobs = repo.read_blobs([c.new_sha for c in found]) if found else {}
+    try:
+        base = repo.resolve_commit(base_rev)
+        head = repo.resolve_commit(head_rev)
+    except GitError as exc:
+        raise UsageError(f"grade mode: {exc}") from None
+    found = [
+        c
+        for c in repo.diff(base, head)
+        if pathrules.is_receipt_path(c.path)
+        and c.status != "D"
+        and c.new_mode in gitio.REGULAR_MODES
+    ]
+    blobs = repo.read_blobs([c.new_sha for c in found]) if found else {}
     entries: list[dict[str, Any]] = []
     valid: list[dict[str, Any]] = []
     for change in found:

@@ -472,49 +472,46 @@ def run_mission(options: MissionOptions) -> MissionResult:
     repo = gitio.Repo(options.repo)
     root = repo.root
     try:
-        try:
-            base = repo.resolve_commit("HEAD")
-        except GitError:
+        base = repo.resolve_commit("HEAD")
+    except GitError:
+        raise CageError(
+            f"{root} has no commit checked out: commit the code (and the policy) first, "
+            "the mission's base is the commit you start from"
+        ) from None
+    try:
+        mission_id = (
+            outcome.check_mission_id(options.mission_id)
+            if options.mission_id is not None
+            else new_mission_id()
+        )
+    except ReceiptError as exc:
+        raise UsageError(f"--id: {exc}") from None
+    path = outcome.receipt_path(root, mission_id)
+    for folder in (path.parent.parent.parent, path.parent.parent):
+        if folder.exists() and not folder.is_dir():
+            # Found now, before the agent spends anything, not when the receipt is due.
             raise CageError(
-                f"{root} has no commit checked out: commit the code (and the policy) first, "
-                "the mission's base is the commit you start from"
-            ) from None
-        try:
-            mission_id = (
-                outcome.check_mission_id(options.mission_id)
-                if options.mission_id is not None
-                else new_mission_id()
+                f"{folder} is not a directory: the mission's receipt goes under "
+                f"{path.parent.parent}; move that file away"
             )
-        except ReceiptError as exc:
-            raise UsageError(f"--id: {exc}") from None
-        path = outcome.receipt_path(root, mission_id)
-        for folder in (path.parent.parent.parent, path.parent.parent):
-            if folder.exists() and not folder.is_dir():
-                # Found now, before the agent spends anything, not when the receipt is due.
-                raise CageError(
-                    f"{folder} is not a directory: the mission's receipt goes under "
-                    f"{path.parent.parent}; move that file away"
-                )
-        if path.exists():
-            raise UsageError(
-                f"a receipt for mission {mission_id} already exists ({path}); choose another --id"
+    if path.exists():
+        raise UsageError(
+            f"a receipt for mission {mission_id} already exists ({path}); choose another --id"
+        )
+    warnings: list[str] = []
+    dirty = repo.dirty_paths(skip_prefix=outcome.OUTCOMES_DIR + "/")
+    if dirty:
+        shown = ", ".join(dirty[:5]) + (f" and {len(dirty) - 5} more" if len(dirty) > 5 else "")
+        if not options.allow_dirty:
+            raise CageError(
+                f"the working tree of {root} has uncommitted changes ({shown}): they would "
+                "be judged as the agent's work. Commit or stash them first, or pass "
+                "--allow-dirty to count them as part of the mission"
             )
-        warnings: list[str] = []
-        dirty = repo.dirty_paths(skip_prefix=outcome.OUTCOMES_DIR + "/")
-        if dirty:
-            shown = ", ".join(dirty[:5]) + (f" and {len(dirty) - 5} more" if len(dirty) > 5 else "")
-            if not options.allow_dirty:
-                raise CageError(
-                    f"the working tree of {root} has uncommitted changes ({shown}): they would "
-                    "be judged as the agent's work. Commit or stash them first, or pass "
-                    "--allow-dirty to count them as part of the mission"
-                )
-            warnings.append(
-                f"--allow-dirty: uncommitted changes ({shown}) are counted as the agent's work"
-            )
-        policy, policy_info = _load_policy(options, repo, base)
-    finally:
-        repo.close()
+        warnings.append(
+            f"--allow-dirty: uncommitted changes ({shown}) are counted as the agent's work"
+        )
+    policy, policy_info = _load_policy(options, repo, base)
     if policy_info["source"] == "file":
         warnings.append(
             f"--policy {options.policy_path}: the mission runs under this file, but CI reads "
@@ -584,12 +581,11 @@ def run_mission(options: MissionOptions) -> MissionResult:
     snapshot_error: str | None = None
     with _shielded(late_interrupt):
         try:
-            with gitio.Repo(root) as snap_repo:
-                snapshot = snap_repo.snapshot(
-                    ref=SNAPSHOT_REF_PREFIX + mission_id,
-                    message=f"cage mission {mission_id} snapshot",
-                    keep_from_head=outcome.OUTCOMES_DIR,
-                )
+            snapshot = gitio.Repo(root).snapshot(
+                ref=SNAPSHOT_REF_PREFIX + mission_id,
+                message=f"cage mission {mission_id} snapshot",
+                keep_from_head=outcome.OUTCOMES_DIR,
+            )
         except GitError as exc:
             snapshot_error = str(exc)
     spend_statement: dict[str, Any] | None = None
@@ -597,8 +593,8 @@ def run_mission(options: MissionOptions) -> MissionResult:
         # Signed over the snapshot's change digest: CI finds the same digest for a head
         # that holds exactly this change (receipts aside), and no other.
         try:
-            with _shielded(threading.Event()), gitio.Repo(root) as tree_repo:
-                digest = attest.change_digest(tree_repo, snapshot.commit)
+            with _shielded(threading.Event()):
+                digest = attest.change_digest(gitio.Repo(root), snapshot.commit)
             spend_statement = running.spend_statement(base, digest)
         except GitError as exc:  # the receipt must still be written: unsigned, and said so
             warnings.append(f"the spend statement could not be signed: {exc}")
@@ -742,8 +738,7 @@ def _changes_without_findings(root: Path, base: str, snapshot: Any) -> list[dict
     if snapshot is None:
         return []
     try:
-        with gitio.Repo(root) as repo:
-            found = repo.diff(base, snapshot.commit)
+        found = gitio.Repo(root).diff(base, snapshot.commit)
     except (GitError, KeyboardInterrupt):
         return []
     return [{"path": c.path, "status": c.status, "findings": []} for c in found]
