@@ -14,6 +14,13 @@ the direct figures, plus CPU time per call of each proxy process (psutil).
     python bench/proxy.py            # full run
     python bench/proxy.py --quick    # smoke run, a few seconds
     python bench/proxy.py --no-peer  # skip LiteLLM
+    python bench/proxy.py --no-peer --baseline HEAD~3   # this proxy.py against an older one
+
+``--baseline REF`` adds a fourth target, ``cage@REF``: the same ``cage proxy`` with
+``src/cage/proxy.py`` as it was at the git revision REF (every other module as it is now),
+measured interleaved with the others. On a machine shared with other work, timings move with
+the load from one run to the next; two versions measured in the same run, call after call,
+share it, so their difference (above all in CPU per call) is the figure to trust.
 
 Targets (DESIGN.md, "Performance budgets"; issue 6): added p50 < 1 ms and p99 < 5 ms at
 concurrency 1, added p50 < 10 ms at concurrency 50, < 1 ms of proxy CPU per call.
@@ -89,14 +96,48 @@ def start_upstream() -> Target:
     return Target("direct", url, process)
 
 
-def start_cage(upstream: str, workdir: Path) -> Target:
-    env = dict(os.environ, CAGE_LEDGER=str(workdir / "ledger.db"))
+# Runs `cage proxy ARGS` with cage.proxy loaded from the file named by CAGE_BENCH_PROXY.
+_SWAPPED_PROXY = (
+    "import importlib.util, os, sys\n"
+    "import cage\n"
+    "spec = importlib.util.spec_from_file_location('cage.proxy', os.environ['CAGE_BENCH_PROXY'])\n"
+    "module = importlib.util.module_from_spec(spec)\n"
+    "sys.modules['cage.proxy'] = cage.proxy = module\n"
+    "spec.loader.exec_module(module)\n"
+    "from cage import cli\n"
+    "sys.exit(cli.main(['proxy', *sys.argv[1:]]))\n"
+)
+
+
+def baseline_source(ref: str, workdir: Path) -> Path:
+    """src/cage/proxy.py as it was at git revision ``ref``, written under workdir."""
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run(
+        ["git", "-C", str(root), "show", f"{ref}:src/cage/proxy.py"],
+        capture_output=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        message = done.stderr.decode(errors="replace").strip()
+        raise SystemExit(f"bench: cannot read src/cage/proxy.py at {ref!r}: {message}")
+    path = workdir / "proxy_baseline.py"
+    path.write_bytes(done.stdout)
+    return path
+
+
+def start_cage(
+    upstream: str, workdir: Path, name: str = "cage", proxy_file: Path | None = None
+) -> Target:
+    ledger = "ledger.db" if proxy_file is None else "ledger-baseline.db"
+    env = dict(os.environ, CAGE_LEDGER=str(workdir / ledger))
+    if proxy_file is None:
+        command = [sys.executable, "-m", "cage", "proxy"]
+    else:
+        env["CAGE_BENCH_PROXY"] = str(proxy_file)
+        command = [sys.executable, "-c", _SWAPPED_PROXY]
     process = subprocess.Popen(
         [
-            sys.executable,
-            "-m",
-            "cage",
-            "proxy",
+            *command,
             "--port",
             "0",
             "--json",
@@ -116,7 +157,7 @@ def start_cage(upstream: str, workdir: Path) -> Target:
         env=env,
     )
     info = json.loads(process.stdout.readline())
-    return Target("cage", info["url"], process)
+    return Target(name, info["url"], process)
 
 
 def ensure_peer(quiet: bool) -> tuple[Path | None, str]:
@@ -331,6 +372,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-peer", action="store_true", help="do not run LiteLLM")
     parser.add_argument("--rounds-c1", type=int, default=300)
     parser.add_argument("--rounds-c50", type=int, default=20)
+    parser.add_argument(
+        "--baseline",
+        metavar="REF",
+        help="also measure cage with src/cage/proxy.py as at git revision REF",
+    )
     args = parser.parse_args(argv)
     rounds1, rounds50 = (30, 3) if args.quick else (args.rounds_c1, args.rounds_c50)
 
@@ -340,6 +386,9 @@ def main(argv: list[str] | None = None) -> int:
         upstream = start_upstream()
         targets.append(upstream)
         targets.append(start_cage(upstream.url, workdir))
+        if args.baseline:
+            source = baseline_source(args.baseline, workdir)
+            targets.append(start_cage(upstream.url, workdir, f"cage@{args.baseline}", source))
         if args.no_peer:
             print("peer unavailable: skipped (--no-peer)")
         else:
