@@ -130,6 +130,41 @@ def test_processes_cage_started_before_are_left_alone(tmp_path):
         bystander.wait()
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc children lists")
+def test_the_quick_look_finds_a_tree_empty_only_when_it_is(tmp_path):
+    # The usual end (the leader alone, exited) is found from the kernel's children lists;
+    # anything else left (an escaper re-parented to cage, a bystander with a reused pid
+    # aside) sends kill() through the whole process table.
+    tree = shell("true", tmp_path)
+    assert tree.wait_for_exit(20)
+    assert tree._only_the_dead_leader()
+    assert tree.kill() == 0
+    tree.leader.wait()
+
+    (tmp_path / "escape.py").write_text(trees.SETSID_ESCAPER)
+    tree = shell(trees.wait_for_file(f"{PY} escape.py &", "pids"), tmp_path)
+    assert tree.wait_for_exit(20)
+    assert not tree._only_the_dead_leader()
+    assert tree.kill() >= 1
+    tree.leader.wait()
+    trees.assert_dead(trees.read_pids(tmp_path / "pids"))
+
+    bystander = subprocess.Popen(["sleep", "300"])  # started before: known, not the tree's
+    try:
+        tree = shell("true", tmp_path)
+        assert tree.wait_for_exit(20)
+        assert tree._only_the_dead_leader()
+        running = shell("sleep 300", tmp_path)  # not exited: never "only the dead leader"
+        assert not running._only_the_dead_leader()
+        running.kill()
+        running.leader.wait()
+    finally:
+        bystander.kill()
+        bystander.wait()
+        tree.kill()
+        tree.leader.wait()
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl is Linux only")
 def test_prepare_makes_cage_subreaper_and_non_dumpable():
     import ctypes
