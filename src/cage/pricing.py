@@ -559,6 +559,13 @@ class Pricer:
         self._plans: dict[tuple[str, str, str], Any] = {}
         self._free_spec = os.environ.get("CAGE_FREE_MODELS")
 
+    def load(self) -> None:
+        """Load genai-prices' table now (it is loaded on the first call otherwise), so that
+        processes forked afterwards share it instead of each loading their own."""
+        from genai_prices import data_snapshot
+
+        data_snapshot.get_snapshot()
+
     def __call__(
         self,
         provider: str,

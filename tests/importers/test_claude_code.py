@@ -575,6 +575,8 @@ def test_several_readers_write_what_one_reader_writes(
     # Readers parse files in parallel, the writer takes them in file order: the same rows
     # in the same order (so the same copy of a call kept across files), the same report
     # (bad lines listed in file order) and the same saved state.
+    import gc
+
     import cage.importers.common as common
 
     monkeypatch.setattr(common, "PIPELINE_MIN_BYTES", 0)
@@ -599,6 +601,7 @@ def test_several_readers_write_what_one_reader_writes(
     monkeypatch.setattr(common, "reader_count", lambda total, files: readers)
     several = _import_rows_and_state(capsys, ledger_db, tmp_path / "claude")
     assert several == one
+    assert gc.get_freeze_count() == 0  # what the import froze for its readers is let go
     code, doc, rows, states = several
     assert (code, doc["files"], doc["bad_lines"]) == (1, 10, 5)
     assert [(e["file"].rsplit("/", 1)[1], e["line"]) for e in doc["errors"]] == [

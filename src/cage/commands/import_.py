@@ -126,11 +126,12 @@ def run(args: argparse.Namespace) -> int:
     state = StateStore(state_path)
     total = _total_size(files)
     window = DedupWindow() if args.source == "claude-code" else None
-    prepare, write = _ledger_writer(ledger)
+    prepare, write, load_prices = _ledger_writer(ledger)
     try:
         if total >= PIPELINE_MIN_BYTES and can_pipeline():
             # Parsing costs about twice what writing does: readers in parallel (one per
-            # CPU), this process writes.
+            # CPU), this process writes. The price table is loaded once, before they fork.
+            load_prices()
             import_files_pipelined(
                 importer.SOURCE,
                 files,
@@ -196,13 +197,14 @@ def _total_size(files: list) -> int:
 
 
 def _ledger_writer(ledger):  # type: ignore[no-untyped-def]
-    """(prepare, write): event fields -> priced ledger rows; rows -> the ledger.
+    """(prepare, write, load_prices): event fields -> priced rows; rows -> the ledger.
 
     ``prepare`` does the per-row work (in the reader process when the import is pipelined):
     a call without a cost is priced from the table (truth ``modeled``, or still
     ``estimated``), exactly as ``cage.pricing.price_event`` would. The importers validate
     every field as they parse it, so rows are built without checking them again.
     ``write`` stores a prepared batch in one transaction: (inserted, duplicates).
+    ``load_prices()`` loads the price table now (before forking readers that price).
     """
     from cage.ledger import RowBatch
     from cage.pricing import Pricer
@@ -219,4 +221,4 @@ def _ledger_writer(ledger):  # type: ignore[no-untyped-def]
     def write(rows: RowBatch) -> tuple[int, int]:
         return ledger.add_batch(rows)
 
-    return prepare, write
+    return prepare, write, pricer.load

@@ -19,6 +19,7 @@ the reason, never by its content.
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import os
 import re
@@ -976,6 +977,10 @@ def import_files_pipelined(
     finished = False
     conns = []
     processes = []
+    # Everything loaded so far (modules, the price table) lives as long as the import: frozen,
+    # the garbage collector of every process stops walking it again and again (about a tenth
+    # of a reader's CPU), and the forked readers do not copy the pages it would touch.
+    gc.freeze()
     try:
         for first in range(readers):
             receiver, sender = ctx.Pipe(duplex=False)
@@ -1000,6 +1005,7 @@ def import_files_pipelined(
         finished = True
         _merge(report, parts, files)
     finally:
+        gc.unfreeze()
         progress.finish()
         for conn in conns:
             conn.close()
