@@ -15,6 +15,7 @@ from cage.importers.common import (
     normalise_timestamp,
     read_complete_lines,
     resume_point,
+    sizes_to_read,
 )
 
 
@@ -135,3 +136,22 @@ def test_timestamps_are_kept_converted_or_refused(value, expected):
             normalise_timestamp(value)
     else:
         assert normalise_timestamp(value) == expected
+
+
+def test_sizes_to_read_counts_only_what_an_import_would_read(tmp_path):
+    import os
+
+    done, grown, new = (tmp_path / name for name in ("done.jsonl", "grown.jsonl", "new.jsonl"))
+    for path in (done, grown, new):
+        path.write_bytes(b'{"a": 1}\n' * 10)  # 90 bytes each
+    store = StateStore(None)
+    for path in (done, grown):
+        st = path.stat()
+        store.put_many(
+            "src", [FileState(os.path.realpath(path), st.st_ino, 90, st.st_mtime, 90, 10)]
+        )
+    with open(grown, "ab") as handle:
+        handle.write(b'{"b": 2}\n')
+    files = [done, grown, new, tmp_path / "gone.jsonl"]
+    assert sizes_to_read("src", files, store) == (279, 9 + 90)
+    assert sizes_to_read("src", files, store, full=True) == (279, 279)

@@ -9,7 +9,6 @@ where the defaults point (DESIGN.md: every bad input gives a non-zero exit).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import sys
@@ -87,6 +86,7 @@ def run(args: argparse.Namespace) -> int:
         import_files,
         import_files_pipelined,
         reader_count,
+        sizes_to_read,
     )
     from cage.ledger import Ledger, RowBatch
 
@@ -124,11 +124,11 @@ def run(args: argparse.Namespace) -> int:
     ledger = Ledger.open(args.ledger)
     state_path = getattr(ledger, "path", None)
     state = StateStore(state_path)
-    total = _total_size(files)
+    total, to_read = sizes_to_read(importer.SOURCE, files, state, args.full)
     window = DedupWindow() if args.source == "claude-code" else None
     prepare, write, load_prices = _ledger_writer(ledger)
     try:
-        if total >= PIPELINE_MIN_BYTES and can_pipeline():
+        if to_read >= PIPELINE_MIN_BYTES and can_pipeline():
             # Parsing costs about twice what writing does: readers in parallel (one per
             # CPU), this process writes. The price table is loaded once, before they fork.
             load_prices()
@@ -145,7 +145,7 @@ def run(args: argparse.Namespace) -> int:
                 window=window,
                 prepare=prepare,
                 combine=RowBatch.combine,
-                readers=reader_count(total, len(files)),
+                readers=reader_count(to_read, len(files)),
             )
         else:
             progress = Progress(total, f"importing {args.source}")
@@ -186,14 +186,6 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     return 1 if report.failures or report.bad_lines else 0
-
-
-def _total_size(files: list) -> int:
-    total = 0
-    for path in files:
-        with contextlib.suppress(OSError):
-            total += path.stat().st_size
-    return total
 
 
 def _ledger_writer(ledger):  # type: ignore[no-untyped-def]

@@ -521,6 +521,28 @@ def resume_point(saved: FileState | None, inode: int, size: int, mtime: float) -
     return FileState(saved.path, inode, size, mtime, saved.offset, saved.line, dict(saved.context))
 
 
+def sizes_to_read(
+    source: str, files: list[Path], state: StateStore, full: bool = False
+) -> tuple[int, int]:
+    """(total size of ``files``, bytes an import would read: what is new since the saved
+    state, everything with ``full``), so that a run with little to read stays light."""
+    total = pending = 0
+    for path in files:
+        try:
+            st = path.stat()
+        except OSError:
+            continue  # the import names it
+        total += st.st_size
+        if full:
+            pending += st.st_size
+            continue
+        saved = state.get(source, os.path.realpath(path))
+        resume = resume_point(saved, st.st_ino, st.st_size, st.st_mtime)
+        if resume is not None:
+            pending += st.st_size - resume.offset
+    return total, pending
+
+
 # ---------------------------------------------------------------------------------------------
 # Progress
 
