@@ -7,9 +7,12 @@ content). Before a call is forwarded its worst-case cost is reserved against the
 ends the reservation is replaced by the real cost. A call whose reservation would cross the
 cap gets HTTP 429 in the provider's error shape and never leaves the machine.
 
-Latency matters (an agent makes hundreds of calls): one pooled upstream session, TCP_NODELAY
-on both sides (aiohttp sets it on every connection it makes or accepts), streams relayed
-chunk by chunk, and ledger writes done by a writer thread, off the event loop.
+Latency matters (an agent makes hundreds of calls, and at concurrency 50 the proxy is
+CPU-bound on one event loop, so CPU per call is latency): one pooled upstream session,
+TCP_NODELAY on both sides (aiohttp sets it on every connection it makes or accepts),
+aiohttp's low-level server (no router), request bodies forwarded without re-encoding,
+streams relayed chunk by chunk and metered a run of events at a time, the cyclic GC kept
+off the loop, and ledger writes done by a writer thread.
 
 Entry points: ``start_proxy_in_thread()`` (for ``cage mission run``) and ``serve()`` (for
 ``cage proxy``). See docs/proxy.md.
@@ -818,16 +821,20 @@ class _Call:
         self.done = False
 
 
-_stamp_cache: list[Any] = [None, ""]
+# (second, its text): one tuple, replaced whole, so proxies in other threads read a pair.
+_last_stamp: tuple[int, str] = (-1, "")
 
 
 def _utc_stamp(when: float) -> str:
     """``2026-11-23T10:00:00Z`` for a time in seconds; the last second's text is reused."""
+    global _last_stamp
     second = int(when)
-    if _stamp_cache[0] != second:
-        _stamp_cache[1] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(second))
-        _stamp_cache[0] = second
-    return _stamp_cache[1]
+    last = _last_stamp
+    if last[0] == second:
+        return last[1]
+    text = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(second))
+    _last_stamp = (second, text)
+    return text
 
 
 # ---------------------------------------------------------------------------------------
@@ -885,7 +892,7 @@ class MeteringProxy:
         self.url: str | None = None
         self._session: aiohttp.ClientSession | None = None
         self._raw_session: aiohttp.ClientSession | None = None
-        self._runner: web.AppRunner | None = None
+        self._runner: web.BaseRunner | None = None
         self._mock_runner: web.AppRunner | None = None
         self._urls: dict[tuple[str, str], URL] = {}
 
