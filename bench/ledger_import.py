@@ -393,6 +393,8 @@ def main() -> int:
                 f"responses), {mib(info['bytes'])} in {time.perf_counter() - t0:.1f} s"
             )
 
+        # The machine's load changes wall times a lot (the peer runs after cage): say it.
+        print("load average before: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
         ledger = workdir / "ledger.db"
         for suffix in ("", "-wal", "-shm"):
             Path(str(ledger) + suffix).unlink(missing_ok=True)
@@ -458,6 +460,7 @@ def main() -> int:
         )
         if PEER_CPU and PEER_CPU[0] > 0:
             print(f"cpu ratio cage (import + report) / ccusage: {ours_cpu / PEER_CPU[0]:.2f}x")
+        print("load average after: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
         return 0 if ok else 1
     finally:
         if not args.keep:
