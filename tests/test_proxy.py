@@ -297,6 +297,16 @@ def test_chat_stream_usage_is_asked_for_whatever_the_request_looks_like(
     assert event.truth == "measured" and event.error_class is None
 
 
+def test_a_conversation_of_several_megabytes_is_metered(proxy, ledger_path):
+    # aiohttp refuses bodies over 1 MiB unless told otherwise; agents send more than that.
+    body = chat(messages=[{"role": "user", "content": "x" * (3 * 1024 * 1024)}])
+    status, _, data = call(proxy.url, "/v1/chat/completions", body)
+    assert status == 200 and json.loads(data)["usage"]["prompt_tokens"] > 3 * 1024 * 1024 // 4
+    proxy.flush()
+    (event,) = events_of(ledger_path)
+    assert event.truth == "measured" and event.input_tokens > 3 * 1024 * 1024 // 4
+
+
 def test_anthropic_message_delta_usage_is_cumulative_not_added(proxy, ledger_path):
     # message_start says output_tokens 1, message_delta says 55 (the total): 55, not 56.
     call(

@@ -305,7 +305,8 @@ async def _models(request: web.Request) -> web.Response:
 
 def create_app() -> web.Application:
     """The mock upstream as an aiohttp application (mount it on any runner)."""
-    app = web.Application()
+    # Like the real services, it takes conversations larger than aiohttp's 1 MiB default.
+    app = web.Application(client_max_size=64 * 1024 * 1024)
     app.router.add_post("/v1/chat/completions", _chat)
     app.router.add_post("/v1/responses", _responses)
     app.router.add_post("/v1/messages", _messages)
