@@ -297,6 +297,38 @@ def test_chat_stream_usage_is_asked_for_whatever_the_request_looks_like(
     assert event.truth == "measured" and event.error_class is None
 
 
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"model":"gpt-4o","stream":true,"max_tokens":9,"messages":[{"model":"x","n":2}]}',
+        b'{"messages":[],"model":"a","model":"b","stream_options":{"include_usage":false}}',
+        b'{"model":{"nested":[1,2]},"max_output_tokens":true,"n":3.5}',
+        b'{"model":"m","temperature":NaN}',  # json.loads reads NaN; msgspec does not
+        b'{"model":"m","x":"\\ud800"}',  # a lone surrogate, likewise
+        '{"model":"m","stream":true}'.encode("utf-16"),
+        b"\xef\xbb\xbf" + b'{"model":"m"}',
+        b"{}",
+        b"[1, 2]",
+        b'{"model":"m"',
+        b'{"model":"m"} trailing',
+        b"\xff\xfe\xfd",
+    ],
+)
+def test_request_members_are_what_json_loads_reads(raw):
+    from cage.proxy import _REQUEST_MEMBERS, _members
+
+    try:
+        whole = json.loads(raw)
+    except ValueError:
+        whole = None
+    expected = (
+        {k: v for k, v in whole.items() if k in _REQUEST_MEMBERS.names}
+        if isinstance(whole, dict)
+        else None
+    )
+    assert _members(_REQUEST_MEMBERS, raw) == expected
+
+
 def test_a_conversation_of_several_megabytes_is_metered(proxy, ledger_path):
     # aiohttp refuses bodies over 1 MiB unless told otherwise; agents send more than that.
     body = chat(messages=[{"role": "user", "content": "x" * (3 * 1024 * 1024)}])
