@@ -15,6 +15,7 @@ the direct figures, plus CPU time per call of each proxy process (psutil).
     python bench/proxy.py --quick    # smoke run, a few seconds
     python bench/proxy.py --no-peer  # skip LiteLLM
     python bench/proxy.py --no-peer --baseline HEAD~3   # this proxy.py against an older one
+    python bench/proxy.py --no-peer --body-kb 300       # conversations the size agents send
 
 ``--baseline REF`` adds a fourth target, ``cage@REF``: the same ``cage proxy`` with
 ``src/cage/proxy.py`` as it was at the git revision REF (every other module as it is now),
@@ -234,13 +235,30 @@ def start_peer(upstream: str, workdir: Path, quiet: bool) -> tuple[Target | None
     return Target("litellm", url, process, {"Authorization": f"Bearer {PEER_KEY}"}), ""
 
 
+# Extra conversation in every request (--body-kb): agents resend the whole history.
+HISTORY: list[dict] = []
+
+
 def body(stream: bool) -> dict:
     return {
         "model": MODEL,
-        "messages": [{"role": "user", "content": "Say something short about budgets."}],
+        "messages": [
+            *HISTORY,
+            {"role": "user", "content": "Say something short about budgets."},
+        ],
         "max_tokens": 64,
         "stream": stream,
     }
+
+
+def make_history(kib: int) -> list[dict]:
+    """About ``kib`` KiB of earlier turns, 2 KiB of text each (like an agent's history)."""
+    words = ("budget", "cap", "ledger", "proxy", "token", "stream", "verify", "merge")
+    text = " ".join(words[i % len(words)] for i in range(300))[:2000]
+    return [
+        {"role": "user" if i % 2 == 0 else "assistant", "content": f"{i} {text}"}
+        for i in range(max(0, kib // 2))
+    ]
 
 
 async def one_call(
@@ -373,12 +391,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds-c1", type=int, default=300)
     parser.add_argument("--rounds-c50", type=int, default=20)
     parser.add_argument(
+        "--body-kb",
+        type=int,
+        default=0,
+        metavar="N",
+        help="add about N KiB of earlier conversation to every request (default 0)",
+    )
+    parser.add_argument(
         "--baseline",
         metavar="REF",
         help="also measure cage with src/cage/proxy.py as at git revision REF",
     )
     args = parser.parse_args(argv)
     rounds1, rounds50 = (30, 3) if args.quick else (args.rounds_c1, args.rounds_c50)
+    HISTORY[:] = make_history(args.body_kb)
 
     workdir = Path(tempfile.mkdtemp(prefix="cage-bench-proxy-"))
     targets: list[Target] = []
@@ -403,7 +429,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(
             f"rounds: {rounds1} at concurrency 1, {rounds50} at concurrency 50 "
-            "(each round: one non-streaming and one streaming batch per target)"
+            "(each round: one non-streaming and one streaming batch per target); "
+            f"request body {len(json.dumps(body(False))) / 1024:.1f} KiB"
         )
         asyncio.run(measure(targets, 1, rounds1))
         asyncio.run(measure(targets, 50, rounds50))
