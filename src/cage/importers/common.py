@@ -806,47 +806,64 @@ def reader_count(total_bytes: int, files: int) -> int:
     return max(1, min(MAX_READERS, cpus, files, total_bytes // max(PIPELINE_MIN_BYTES, 1)))
 
 
-# Messages a reader may have ready and not yet sent: it goes on parsing while the writer is
-# busy committing (each message at most a batch of BATCH_SIZE events, a few MB pickled).
-OUTBOX_SIZE = 8
+# Bytes of messages a reader may have ready and not yet sent: enough for it to go on parsing
+# through one of the writer's commits (a pickled event is about 150 bytes, a commit 50,000).
+OUTBOX_BYTES = 16 * 1024 * 1024
 
 
 class _Outbox:
     """A reader's messages, pickled as they are made and sent by a thread, so that parsing
-    goes on while the pipe is full (the writer committing, or another reader's turn)."""
+    goes on while the writer commits and does not read its pipes. At most ``OUTBOX_BYTES``
+    wait (one larger message alone), so memory stays bounded."""
 
     def __init__(self, conn: Any) -> None:
-        import queue
         import threading
         from multiprocessing.reduction import ForkingPickler
 
         self.conn = conn
         self._dumps = ForkingPickler.dumps  # what Connection.send uses: recv() reads it
-        self._queue: Any = queue.Queue(OUTBOX_SIZE)
+        self._waiting: deque = deque()
+        self._bytes = 0
+        self._changed = threading.Condition()
         self.failed: BaseException | None = None
         self._thread = threading.Thread(target=self._send_all, daemon=True)
         self._thread.start()
 
     def _send_all(self) -> None:
+        changed = self._changed
         while True:
-            data = self._queue.get()
+            with changed:
+                while not self._waiting:
+                    changed.wait()
+                data = self._waiting.popleft()
             if data is None:
                 return
             if self.failed is None:
                 try:
                     self.conn.send_bytes(data)
-                except BaseException as exc:  # the writer is gone: put() says so
-                    self.failed = exc  # and this loop goes on draining, so put() never hangs
+                except BaseException as exc:  # the writer is gone: put() says so, and this
+                    self.failed = exc  # loop goes on draining, so put() never hangs
+            with changed:
+                self._bytes -= len(data)
+                changed.notify_all()
 
     def put(self, message: tuple) -> None:
-        """Queue one message (waits while ``OUTBOX_SIZE`` are queued)."""
+        """Queue one message (waits while ``OUTBOX_BYTES`` are queued)."""
         if self.failed is not None:
             raise OSError(f"the writer stopped reading: {self.failed}")
-        self._queue.put(self._dumps(message))
+        data = self._dumps(message)
+        with self._changed:
+            while self._bytes and self._bytes + len(data) > OUTBOX_BYTES:
+                self._changed.wait()
+            self._bytes += len(data)
+            self._waiting.append(data)
+            self._changed.notify_all()
 
     def close(self) -> None:
         """Send what is queued, then stop the thread."""
-        self._queue.put(None)
+        with self._changed:
+            self._waiting.append(None)
+            self._changed.notify_all()
         self._thread.join()
 
 
