@@ -1018,7 +1018,9 @@ def import_files_pipelined(
     processes = []
     # Everything loaded so far (modules, the price table) lives as long as the import: frozen,
     # the garbage collector of every process stops walking it again and again (about a tenth
-    # of a reader's CPU), and the forked readers do not copy the pages it would touch.
+    # of a reader's CPU), and the forked readers do not copy the pages it would touch. What a
+    # caller froze before stays frozen (gc cannot unfreeze part of it).
+    caller_froze = gc.get_freeze_count() > 0
     gc.freeze()
     try:
         for first in range(readers):
@@ -1044,7 +1046,8 @@ def import_files_pipelined(
         finished = True
         _merge(report, parts, files)
     finally:
-        gc.unfreeze()
+        if not caller_froze:
+            gc.unfreeze()
         progress.finish()
         for conn in conns:
             conn.close()
