@@ -71,6 +71,8 @@ class Usage:
 
 def _get(obj: Any, key: str) -> Any:
     """Read ``key`` from a mapping or an object (SDK pydantic models expose attributes)."""
+    if type(obj) is dict:  # the common case (decoded JSON), without the ABC check
+        return obj.get(key)
     if obj is None:
         return None
     if isinstance(obj, Mapping):
