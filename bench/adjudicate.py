@@ -9,7 +9,12 @@ in the system temporary directory, on the same file system.
     python bench/adjudicate.py                  # N=20,000 files, K = 1, 100, 1,000
     python bench/adjudicate.py --files 2000 --changes 1,100 --repeat 3
 
-Prints one line per K: floor and cage medians and their ratio (target: <= 1.25).
+Prints one line per K: floor and cage medians and their ratio (target: <= 1.25);
+`--verbose` also prints every pair and cage's own phase timings.
+
+Each pair runs in a random order, after a sync: on a small VM the time of a worktree add
+swings 2x with the file system's state (deleting the previous 20,000 files), so medians of
+many pairs are needed (default 9) and a single run says little.
 
 cage runs as installed: with its bytecode cached (pip compiles it at install time). A
 PYTHONDONTWRITEBYTECODE in the environment would make every run compile cage's sources
@@ -20,7 +25,9 @@ temporary directory instead, filled by one untimed warm-up run.
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import random
 import shutil
 import statistics
 import subprocess
@@ -119,8 +126,9 @@ def cage_env(pycache: Path) -> dict[str, str]:
     return env
 
 
-def cage_run(repo: Path, base: str, head: str, env: dict[str, str]) -> float:
-    """Wall time of `cage ci --mode adjudicate`; the verdict must be PASS."""
+def cage_run(repo: Path, base: str, head: str, env: dict[str, str]) -> tuple[float, dict]:
+    """Wall time of `cage ci --mode adjudicate` and cage's own timings; the verdict must be
+    PASS."""
     start = time.perf_counter()
     done = subprocess.run(
         [
@@ -147,7 +155,7 @@ def cage_run(repo: Path, base: str, head: str, env: dict[str, str]) -> float:
             f"cage did not PASS (exit {done.returncode}):\n"
             f"{done.stdout.decode()}\n{done.stderr.decode()}"
         )
-    return elapsed
+    return elapsed, json.loads(done.stdout)["timings"]
 
 
 def main() -> None:
@@ -156,7 +164,8 @@ def main() -> None:
     )
     parser.add_argument("--files", type=int, default=20_000)
     parser.add_argument("--changes", default="1,100,1000", help="comma-separated K values")
-    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--repeat", type=int, default=9)
+    parser.add_argument("--verbose", action="store_true", help="print every pair of runs")
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="cage-bench-"))
     try:
@@ -171,13 +180,24 @@ def main() -> None:
             if n == 0:
                 cage_run(repo, base, head, env)  # warm-up: fills the bytecode cache
             floors, cages = [], []
-            for _ in range(args.repeat):  # interleaved, so drift hits both sides alike
-                # Each run writes and deletes a whole worktree; sync first so that neither
-                # side pays for the other's deferred writeback.
-                os.sync()
-                floors.append(floor(repo, base, head))
-                os.sync()
-                cages.append(cage_run(repo, base, head, env))
+            # Interleaved, so drift hits both sides alike, and in a random order within each
+            # pair: file-system work a run leaves behind (deleting 20,000 files) lands on
+            # whichever runs next, so a fixed order would charge it to one side.
+            order = random.Random(k)
+            for _ in range(args.repeat):
+                times = {}
+                for side in order.sample(("floor", "cage"), 2):
+                    os.sync()  # neither side pays for the other's deferred writeback
+                    if side == "floor":
+                        times[side] = floor(repo, base, head)
+                    else:
+                        times[side], timings = cage_run(repo, base, head, env)
+                floors.append(times["floor"])
+                cages.append(times["cage"])
+                if args.verbose:
+                    phases = " ".join(f"{k[:-2]} {v * 1000:.0f}" for k, v in timings.items())
+                    f_ms, c_ms = times["floor"] * 1000, times["cage"] * 1000
+                    print(f"  floor {f_ms:.0f} ms, cage {c_ms:.0f} ms ({phases})")
             f, c = statistics.median(floors), statistics.median(cages)
             worst = max(worst, c / f)
             print(
