@@ -33,6 +33,7 @@ import argparse
 import asyncio
 import json
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -294,9 +295,14 @@ async def measure(targets: list[Target], concurrency: int, rounds: int) -> None:
         for t in targets:
             t.cpu_before = cpu_of(t)
             t.calls_before = t.calls
+        order = random.Random(concurrency)
         for _ in range(rounds):
             for stream in (False, True):
-                for t in targets:  # interleaved: every target once per round
+                # Interleaved, every target once per round, in a random order, each batch
+                # started when the previous one's work is done.
+                for t in order.sample(targets, len(targets)):
+                    if concurrency > 1:  # (single calls leave nothing behind worth a pause)
+                        await settle(targets)
                     results = await asyncio.gather(
                         *(one_call(sessions[t.name], t, stream) for _ in range(concurrency))
                     )
@@ -317,6 +323,19 @@ async def measure(targets: list[Target], concurrency: int, rounds: int) -> None:
     finally:
         for session in sessions.values():
             await session.close()
+
+
+async def settle(targets: list[Target], step_s: float = 0.02, limit_s: float = 3.0) -> None:
+    """Wait until no target's processes use CPU: work a batch leaves behind (LiteLLM's, after
+    50 calls) must not land on the next target's timing."""
+    deadline = time.monotonic() + limit_s
+    last = [cpu_of(t) for t in targets]
+    while time.monotonic() < deadline:
+        await asyncio.sleep(step_s)
+        now = [cpu_of(t) for t in targets]
+        if all(b - a < step_s * 0.1 for a, b in zip(last, now, strict=True)):
+            return
+        last = now
 
 
 def cpu_of(target: Target) -> float:
