@@ -229,6 +229,10 @@ def test_agent_over_budget_is_stopped_and_blocked_with_spend_under_the_cap(tmp_p
     refusal = json.loads((mission.out / "refusal.json").read_text())
     assert refusal["status"] == 429
     assert refusal["body"]["error"]["type"] == "budget_guard"
+    # The refusal reaches the user as it happens, prefixed once (it read "cage proxy: cage
+    # proxy: refused ..." while this command set up the proxy's log on its own).
+    assert "cage proxy: refused" in done.stderr
+    assert "cage proxy: cage proxy:" not in done.stderr
     spend = receipt["spend"]
     assert spend["calls"] == refusal["calls"] > 0
     assert 0 < spend["total_usd"] <= 0.2

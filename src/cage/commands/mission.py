@@ -11,6 +11,7 @@ import argparse
 import json
 import sys
 
+from cage.commands.proxy import add_traffic_arguments, show_log
 from cage.errors import UsageError
 
 
@@ -49,23 +50,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         help="after SIGTERM, how long the agent has to exit before SIGKILL (default 5)",
     )
-    run.add_argument(
-        "--ledger", metavar="PATH", help="ledger file (default: $CAGE_LEDGER or user data dir)"
-    )
-    run.add_argument(
-        "--upstream-openai",
-        metavar="URL",
-        help="OpenAI-compatible upstream (default https://api.openai.com)",
-    )
-    run.add_argument(
-        "--upstream-anthropic",
-        metavar="URL",
-        help="Anthropic upstream (default https://api.anthropic.com)",
-    )
-    run.add_argument(
-        "--mock",
-        action="store_true",
-        help="the proxy answers locally (no network, no keys): for demos and tests",
+    add_traffic_arguments(
+        run, mock_help="the proxy answers locally (no network, no keys): for demos and tests"
     )
     run.add_argument(
         "--attest-key-file",
@@ -98,14 +84,9 @@ def run(args: argparse.Namespace) -> int:
     import logging
 
     from cage import mission, outcome
-    from cage import proxy as proxy_mod
 
     # Refusals by the budget guard and threshold warnings reach the user as they happen.
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("cage proxy: %(message)s"))
-    proxy_mod.log.addHandler(handler)
-    proxy_mod.log.setLevel(logging.WARNING)
-    proxy_mod.log.propagate = False
+    show_log(logging.WARNING)
 
     options = mission.MissionOptions(
         argv=list(args.agent or []),

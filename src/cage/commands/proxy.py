@@ -33,6 +33,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-calls", type=int, metavar="N", help="refuse LLM calls after N")
     parser.add_argument("--warn-at-usd", type=float, metavar="X", help="warn once at this spend")
     parser.add_argument("--warn-at-tokens", type=int, metavar="N", help="warn once at N tokens")
+    add_traffic_arguments(
+        parser, mock_help="answer locally with deterministic text and usage (no network, no keys)"
+    )
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON document (URLs and settings) on stdout once listening",
+    )
+    parser.add_argument("-q", "--quiet", action="store_true", help="do not log each call on stderr")
+
+
+def add_traffic_arguments(parser: argparse.ArgumentParser, *, mock_help: str) -> None:
+    """Where metered calls go and where they are recorded: ``--upstream-openai``,
+    ``--upstream-anthropic``, ``--mock`` and ``--ledger`` (`cage proxy`, `cage mission run`)."""
     parser.add_argument(
         "--upstream-openai",
         metavar="URL",
@@ -43,20 +57,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="URL",
         help="Anthropic upstream (default https://api.anthropic.com)",
     )
-    parser.add_argument(
-        "--mock",
-        action="store_true",
-        help="answer locally with deterministic text and usage (no network, no keys)",
-    )
+    parser.add_argument("--mock", action="store_true", help=mock_help)
     parser.add_argument(
         "--ledger", metavar="PATH", help="ledger file (default: $CAGE_LEDGER or user data dir)"
     )
-    parser.add_argument(
-        "--json",
-        action="store_true",
-        help="print one JSON document (URLs and settings) on stdout once listening",
-    )
-    parser.add_argument("-q", "--quiet", action="store_true", help="do not log each call on stderr")
+
+
+def show_log(level: int) -> None:
+    """Send the proxy's log records of ``level`` and above to stderr, each line prefixed once
+    with ``cage proxy: `` (`cage proxy`, and `cage mission run` for refusals and warnings)."""
+    import logging
+
+    from cage import proxy
+
+    class _Prefixed(logging.Formatter):
+        # Most proxy messages carry the prefix already: add it only where it is missing.
+        def format(self, record: logging.LogRecord) -> str:
+            text = super().format(record)
+            return text if text.startswith("cage proxy: ") else "cage proxy: " + text
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_Prefixed("%(message)s"))
+    proxy.log.addHandler(handler)
+    proxy.log.setLevel(level)
+    proxy.log.propagate = False
 
 
 def run(args: argparse.Namespace) -> int:
@@ -85,18 +109,7 @@ def run(args: argparse.Namespace) -> int:
 
     from cage import proxy
 
-    class _Prefixed(logging.Formatter):
-        # Some proxy messages carry the prefix already (it also serves `cage mission run`,
-        # which installs no handler): add it only where it is missing.
-        def format(self, record: logging.LogRecord) -> str:
-            text = super().format(record)
-            return text if text.startswith("cage proxy: ") else "cage proxy: " + text
-
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_Prefixed("%(message)s"))
-    proxy.log.addHandler(handler)
-    proxy.log.setLevel(logging.WARNING if args.quiet else logging.INFO)
-    proxy.log.propagate = False
+    show_log(logging.WARNING if args.quiet else logging.INFO)
 
     config = proxy.ProxyConfig(
         host=args.host,
