@@ -692,7 +692,7 @@ class RowBatch:
         source: str | None,
         extra_json: str,
     ) -> None:
-        rid = None if request_id is None else request_key(request_id)
+        rid = _key_or_none(request_id)
         if (
             role is None
             and caller is None
