@@ -1360,8 +1360,7 @@ _EQ_NAMES = frozenset({"__eq__", "__ne__"})
 
 def _m_always_equal_by_operands(node: ast.AST, scope: Scope, module: Module) -> str | None:
     # __eq__ that answers the same whatever it compares, e.g. `return True`, `return 1 == 1`.
-    names = {"__eq__", "__ne__"}
-    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name in names:
+    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name in _EQ_NAMES:
         body = [s for s in node.body if not _is_docstring_expr(s)]
         if (
             len(body) == 1
@@ -1374,7 +1373,7 @@ def _m_always_equal_by_operands(node: ast.AST, scope: Scope, module: Module) -> 
         for target in node.targets:
             if (
                 isinstance(target, ast.Name)
-                and target.id in names
+                and target.id in _EQ_NAMES
                 and _ignores_operands(lam.body, lam.args)
             ):
                 return f"{target.id} returns {ast.unparse(lam.body)[:40]} whatever it compares"
