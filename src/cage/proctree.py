@@ -108,13 +108,19 @@ def _cage_children() -> frozenset[Identity]:
 
     pids = _child_pids()
     if pids is None:
-        children = psutil.Process().children()
-    else:
-        children = []
-        for pid in pids:
-            with contextlib.suppress(psutil.Error):
-                children.append(psutil.Process(pid))
-    return frozenset(i for i in map(_identity, children) if i is not None)
+        return frozenset(i for i in map(_identity, psutil.Process().children()) if i is not None)
+    return frozenset(_identities_of(pids))
+
+
+def _identities_of(pids: set[int]) -> set[Identity]:
+    """The identity of each of ``pids`` that still exists (zombies included)."""
+    import psutil
+
+    found = set()
+    for pid in pids:
+        with contextlib.suppress(psutil.Error):
+            found.add((pid, psutil.Process(pid).create_time()))
+    return found
 
 
 def _child_pids(pid: int | str = "self") -> set[int] | None:
@@ -271,15 +277,11 @@ class ProcessTree:
         mine = _child_pids()
         if mine is None or leader not in mine:
             return False
-        import psutil
-
-        for pid in mine - {leader}:
-            try:  # a known child, not a new process that got a known child's pid
-                if (pid, psutil.Process(pid).create_time()) not in self.known_children:
-                    return False
-            except psutil.Error:
-                return False
-        return _child_pids(leader) == set()
+        # The others must all be known children (not new processes that got a known child's
+        # pid); one that cannot be looked at counts against.
+        others = mine - {leader}
+        known = _identities_of(others) & self.known_children
+        return len(known) == len(others) and _child_pids(leader) == set()
 
     def stop(self, grace_s: float, hurry: threading.Event | None = None) -> int:
         """SIGTERM the whole tree, give it up to ``grace_s`` to exit (cut short when
