@@ -45,7 +45,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
-from cage.ledger import Event, Ledger
+from cage.ledger import Event, Ledger, canonical_request_id
 from cage.pricing import (
     _get,
     apply_usage,
@@ -241,7 +241,7 @@ class Meter:
             caller=self.caller,
             mission_id=self.mission_id,
             duration_s=round(duration_s, 6),
-            request_id=f"{provider_name}:{response_id}"
+            request_id=canonical_request_id(provider_name, response_id)
             if isinstance(response_id, str) and response_id
             else None,
             source="meter",
