@@ -19,6 +19,11 @@ small VM the time of the same worktree add still swings 2x from run to run (the 
 run deleted 20,000 files), so medians of many pairs are needed (default 9); the ratio of
 the fastest runs is printed beside it.
 
+On ext4 without a journal (some VMs' root file system), every file creation skips the
+inodes deleted in the last minute or more (the kernel's `recently_deleted()`), so the same
+add takes 0.5 s to 6 s depending on the runs before it: the bench says so, and a journaled
+file system or tmpfs gives comparable figures (`TMPDIR=/dev/shm python bench/adjudicate.py`).
+
 cage runs as installed: with its bytecode cached (pip compiles it at install time). A
 PYTHONDONTWRITEBYTECODE in the environment would make every run compile cage's sources
 again (~60 ms of CPU), so the runs get a private PYTHONPYCACHEPREFIX under the bench's
@@ -28,6 +33,7 @@ temporary directory instead, filled by one untimed warm-up run.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -128,6 +134,24 @@ def floor(repo: Path, base: str, head: str) -> float:
     return time.perf_counter() - start
 
 
+def unjournaled_ext4(path: str) -> str | None:
+    """The device when ``path`` is on ext4 without a journal (Linux), else None."""
+    try:
+        mounts = [line.split()[:3] for line in Path("/proc/mounts").read_text().splitlines()]
+    except OSError:
+        return None
+    real = os.path.realpath(path)
+    inside = [m for m in mounts if real == m[1] or real.startswith(m[1].rstrip("/") + "/")]
+    if not inside:
+        return None
+    device, _, fstype = max(inside, key=lambda m: len(m[1]))
+    journal = Path("/sys/fs/ext4", os.path.basename(device), "journal_task")
+    with contextlib.suppress(OSError):
+        if fstype == "ext4" and journal.read_text().strip() == "<none>":
+            return device
+    return None
+
+
 def cage_env(pycache: Path) -> dict[str, str]:
     """GIT_ENV, with cage's bytecode cached in ``pycache`` (as an installed cage has it)."""
     env = {k: v for k, v in GIT_ENV.items() if k != "PYTHONDONTWRITEBYTECODE"}
@@ -176,6 +200,14 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=9)
     parser.add_argument("--verbose", action="store_true", help="print every pair of runs")
     args = parser.parse_args()
+    device = unjournaled_ext4(tempfile.gettempdir())
+    if device:
+        print(
+            f"warning: {tempfile.gettempdir()} is on ext4 without a journal ({device}): file "
+            "creation there slows down for a minute after many deletions, so each run's "
+            "time depends on the runs before it; set TMPDIR to a journaled file system or "
+            "tmpfs for comparable figures"
+        )
     root = Path(tempfile.mkdtemp(prefix="cage-bench-"))
     try:
         t0 = time.perf_counter()
