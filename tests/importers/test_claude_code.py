@@ -638,3 +638,29 @@ def test_a_failing_reader_is_named_and_what_came_before_is_kept(
     monkeypatch.setattr(claude_code, "FileParser", Failing.__mro__[1])
     code, doc = run_import(capsys, str(tmp_path / "claude"))
     assert (code, doc["imported"], doc["files_unchanged"]) == (0, 3, 3)
+
+
+def test_readers_yield_the_cpu_to_the_writer(tmp_path, ledger_db, capsys, monkeypatch):
+    # The writer must keep up with several readers (else it is left alone with their
+    # backlog at the end): the readers run at a lower priority than the process that writes.
+    import os
+
+    import cage.importers.common as common
+
+    monkeypatch.setattr(common, "PIPELINE_MIN_BYTES", 0)
+    monkeypatch.setattr(common, "reader_count", lambda total, files: 2)
+
+    class Recording(claude_code.FileParser):
+        def parse(self, raw, line_no):
+            items = super().parse(raw, line_no)
+            for _, _, fields in items:
+                fields["extra"]["niceness"] = os.nice(0)
+            return items
+
+    for n in range(2):
+        write_lines(project(tmp_path) / f"s{n}.jsonl", [claude_line(f"msg_{n}", f"req_{n}")])
+    monkeypatch.setattr(claude_code, "FileParser", Recording)
+    code, doc = run_import(capsys, str(tmp_path / "claude"))
+    assert (code, doc["imported"]) == (0, 2)
+    seen = [json.loads(r["extra"])["niceness"] for r in ledger_rows(ledger_db)]
+    assert seen == [min(19, os.nice(0) + 10)] * 2

@@ -53,6 +53,29 @@ def test_state_store_round_trip(tmp_path):
     again.close()
 
 
+def test_state_store_leaves_checkpoints_to_the_ledger(tmp_path):
+    # Its small commit after each large batch of events must not checkpoint the whole WAL
+    # (the ledger's bulk mode checkpoints every 40 MB, not every batch).
+    import sqlite3
+
+    db = sqlite3.connect(tmp_path / "ledger.db")
+    db.execute("PRAGMA journal_mode = WAL")
+    db.execute("CREATE TABLE big (x BLOB)")
+    db.close()
+    store = StateStore(tmp_path / "ledger.db")
+    writer = sqlite3.connect(tmp_path / "ledger.db", isolation_level=None)
+    writer.execute("PRAGMA wal_autocheckpoint = 0")  # as if in bulk mode, not yet due
+    writer.execute(
+        "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 2000) "
+        "INSERT INTO big SELECT randomblob(4000) FROM n"
+    )  # ~2,000 pages in the WAL, none yet in the database file
+    store.put_many("codex", [FileState("/f", 1, 10, 2.5, 10, 2, {})])
+    # SQLite's default (checkpoint from 1,000 pages) would have copied them there now.
+    assert (tmp_path / "ledger.db").stat().st_size < 1_000_000
+    store.close()
+    writer.close()
+
+
 def test_dedup_window_keeps_best_and_bounds_memory():
     window = DedupWindow(size=2)
     assert window.offer("a", (True, 5), "a5", 0, 1) == []
