@@ -11,8 +11,11 @@ peak RSS of the process tree):
    CLAUDE_CONFIG_DIR pointing at the tree (HOME moved to an empty folder so that no other
    agent's logs are read).
 
-Per-model token totals must be equal exactly and dollar totals within $0.01 (OK/MISMATCH
-printed per model). If the peer cannot run, it says "peer unavailable: <why>" and goes on.
+Both sides run `--rounds` times (default 3), interleaved in a random order, and their medians
+are compared: on a shared VM the CPU time of the same work varies by a third from minute to
+minute, so one run of each side says little. Per-model token totals must be equal exactly
+and dollar totals within $0.01 (OK/MISMATCH printed per model). If the peer cannot run, it
+says "peer unavailable: <why>" and goes on.
 
     python bench/ledger_import.py                 # 1,000,000 lines (about 1.3 GB on disk)
     python bench/ledger_import.py --lines 100000  # quicker
@@ -29,6 +32,7 @@ import json
 import os
 import random
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -218,9 +222,6 @@ def generate_tree(root: Path, lines: int, seed: int = 7) -> dict:
 CPU_SECONDS: dict[int, float] = {}
 
 
-PEER_CPU: list[float] = []
-
-
 def cpu(done: subprocess.CompletedProcess) -> float:
     """CPU seconds of a run returned by ``measure``."""
     return CPU_SECONDS.get(id(done), 0.0)
@@ -307,10 +308,10 @@ def cage_totals(ledger: Path, env: dict[str, str]) -> tuple[dict, float, int, st
     return totals, wall, peak, how, cpu_r
 
 
-def peer_totals(tree: Path, workdir: Path) -> tuple[dict | None, float, int, str]:
-    """Run ccusage over the tree; (per-model totals, wall, peak RSS, note)."""
+def install_peer(workdir: Path) -> tuple[Path | None, str]:
+    """ccusage installed under ``workdir``: (its cli.js, "") or (None, why not)."""
     if shutil.which("npm") is None or shutil.which("node") is None:
-        return None, 0.0, 0, "peer unavailable: node/npm not installed"
+        return None, "peer unavailable: node/npm not installed"
     prefix = workdir / "peer"
     install = subprocess.run(
         ["npm", "install", "--prefix", str(prefix), "--no-audit", "--no-fund", PEER_PACKAGE],
@@ -321,7 +322,12 @@ def peer_totals(tree: Path, workdir: Path) -> tuple[dict | None, float, int, str
     cli = prefix / "node_modules" / "ccusage" / "src" / "cli.js"
     if install.returncode != 0 or not cli.exists():
         why = (install.stderr.strip().splitlines() or ["npm install failed"])[-1]
-        return None, 0.0, 0, f"peer unavailable: {why}"
+        return None, f"peer unavailable: {why}"
+    return cli, ""
+
+
+def peer_totals(cli: Path, tree: Path, workdir: Path) -> tuple[dict | None, float, int, str, float]:
+    """Run ccusage over the tree; (per-model totals, wall, peak RSS, note, cpu seconds)."""
     home = workdir / "peer-home"
     home.mkdir(exist_ok=True)
     env = {
@@ -336,11 +342,11 @@ def peer_totals(tree: Path, workdir: Path) -> tuple[dict | None, float, int, str
     )
     if done.returncode != 0:
         why = (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1]
-        return None, wall, peak, f"peer unavailable: ccusage failed: {why}"
+        return None, wall, peak, f"peer unavailable: ccusage failed: {why}", 0.0
     try:
         doc = json.loads(done.stdout)
     except ValueError:
-        return None, wall, peak, "peer unavailable: ccusage printed no JSON"
+        return None, wall, peak, "peer unavailable: ccusage printed no JSON", 0.0
     totals: dict = defaultdict(
         lambda: {"input": 0, "output": 0, "cache_write": 0, "cache_read": 0, "cost": 0.0}
     )
@@ -352,9 +358,8 @@ def peer_totals(tree: Path, workdir: Path) -> tuple[dict | None, float, int, str
             t["cache_write"] += int(item.get("cacheCreationTokens", 0))
             t["cache_read"] += int(item.get("cacheReadTokens", 0))
             t["cost"] += float(item.get("cost", 0.0))
-    PEER_CPU.append(cpu(done))
     note = f"ccusage {PEER_PACKAGE.split('@')[1]} (cpu {cpu(done):.2f} s)"
-    return dict(totals), wall, peak, note
+    return dict(totals), wall, peak, note, cpu(done)
 
 
 def mib(n: int) -> str:
@@ -368,6 +373,9 @@ def main() -> int:
         "--keep", metavar="DIR", help="generate into DIR and keep it (reused if present)"
     )
     parser.add_argument("--no-peer", action="store_true", help="skip ccusage")
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="interleaved runs of each side (medians compared)"
+    )
     args = parser.parse_args()
 
     workdir = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="cage-bench-import-"))
@@ -393,25 +401,47 @@ def main() -> int:
                 f"responses), {mib(info['bytes'])} in {time.perf_counter() - t0:.1f} s"
             )
 
-        # The machine's load changes wall times a lot (the peer runs after cage): say it.
+        # The machine's load changes wall times a lot: say it, and interleave the two sides.
         print("load average before: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
         ledger = workdir / "ledger.db"
-        for suffix in ("", "-wal", "-shm"):
-            Path(str(ledger) + suffix).unlink(missing_ok=True)
         env = dict(os.environ, CAGE_LEDGER=str(ledger))
         cmd = [sys.executable, "-m", "cage", "import", "claude-code", str(tree), "--json"]
-
-        wall1, peak1, first = measure(cmd, env)
-        if first.returncode != 0:
-            print(f"cage import failed (exit {first.returncode}):\n{first.stderr}")
-            return 1
-        doc1 = json.loads(first.stdout)
-        totals, wall_r, peak_r, how, cpu_r = cage_totals(ledger, env)
-        print(
-            f"cage import (first):  {wall1:7.2f} s  (cpu {cpu(first):6.2f} s)  peak {mib(peak1)}  "
-            f"imported {doc1['imported']:,}, duplicates {doc1['duplicates']:,}, "
-            + f"bad lines {doc1['bad_lines']}"
-        )
+        cli, why = (None, "peer unavailable: skipped (--no-peer)")
+        if not args.no_peer:
+            cli, why = install_peer(workdir)
+        ours: list[tuple[float, float]] = []  # (wall, cpu) of import + report, per round
+        theirs: list[tuple[float, float]] = []
+        order = random.Random(0)
+        for round_no in range(1, args.rounds + 1):
+            sides = ["cage", "peer"] if cli is not None else ["cage"]
+            for side in order.sample(sides, len(sides)):
+                if side == "peer":
+                    peer, wall_p, peak_p, note, cpu_p = peer_totals(cli, tree, workdir)
+                    if peer is None:
+                        print(note)
+                        return 0
+                    theirs.append((wall_p, cpu_p))
+                    print(
+                        f"  round {round_no}: {note} daily --json --offline: "
+                        f"{wall_p:7.2f} s  peak {mib(peak_p)}"
+                    )
+                    continue
+                for suffix in ("", "-wal", "-shm"):
+                    Path(str(ledger) + suffix).unlink(missing_ok=True)
+                wall1, peak1, first = measure(cmd, env)
+                if first.returncode != 0:
+                    print(f"cage import failed (exit {first.returncode}):\n{first.stderr}")
+                    return 1
+                doc1 = json.loads(first.stdout)
+                totals, wall_r, peak_r, how, cpu_r = cage_totals(ledger, env)
+                ours.append((wall1 + wall_r, cpu(first) + cpu_r))
+                print(
+                    f"  round {round_no}: cage import (first): {wall1:7.2f} s  "
+                    f"(cpu {cpu(first):6.2f} s)  peak {mib(peak1)}  "
+                    f"imported {doc1['imported']:,}, duplicates {doc1['duplicates']:,}, "
+                    f"bad lines {doc1['bad_lines']}; report by model {wall_r:.2f} s, "
+                    f"peak {mib(peak_r)}"
+                )
         print(f"cage report by model: {wall_r:7.2f} s  peak {mib(peak_r)}  ({how})")
         wall2, peak2, second = measure(cmd, env)
         doc2 = json.loads(second.stdout) if second.returncode == 0 else {}
@@ -420,17 +450,9 @@ def main() -> int:
             f"imported {doc2.get('imported')}, "
             + f"unchanged files {doc2.get('files_unchanged')}/{doc2.get('files')}"
         )
-        ours = wall1 + wall_r
-        ours_cpu = cpu(first) + cpu_r
-
-        if args.no_peer:
-            print("peer unavailable: skipped (--no-peer)")
+        if cli is None:
+            print(why)
             return 0
-        peer, wall_p, peak_p, note = peer_totals(tree, workdir)
-        if peer is None:
-            print(note)
-            return 0
-        print(f"{note} daily --json --offline: {wall_p:7.2f} s  peak {mib(peak_p)}")
         ok = True
         print(f"{'model':<30} {'tokens (in/out/cw/cr)':>48}  {'cage $':>12} {'peer $':>12}")
         for model in sorted(set(totals) | set(peer)):
@@ -454,12 +476,19 @@ def main() -> int:
                 peer_toks = f"{b['input']}/{b['output']}/{b['cache_write']}/{b['cache_read']}"
                 print(f"{'':<30} peer tokens {peer_toks}")
         print(f"totals: {'OK' if ok else 'MISMATCH'}")
+        wall_c, cpu_c = (statistics.median(x) for x in zip(*ours, strict=True))
+        wall_p, cpu_p = (statistics.median(x) for x in zip(*theirs, strict=True))
         print(
-            f"time ratio cage (import + report) / ccusage: {ours / wall_p:.2f}x; "
-            f"second (incremental) import / ccusage: {wall2 / wall_p:.3f}x"
+            f"medians of {args.rounds} round(s): cage import + report {wall_c:.2f} s "
+            f"(cpu {cpu_c:.2f} s), ccusage {wall_p:.2f} s (cpu {cpu_p:.2f} s)"
         )
-        if PEER_CPU and PEER_CPU[0] > 0:
-            print(f"cpu ratio cage (import + report) / ccusage: {ours_cpu / PEER_CPU[0]:.2f}x")
+        print(
+            f"time ratio cage (import + report) / ccusage: {wall_c / wall_p:.2f}x "
+            f"(target <= 1); second (incremental) import / ccusage: {wall2 / wall_p:.3f}x "
+            "(target < 0.1)"
+        )
+        if cpu_p > 0:
+            print(f"cpu ratio cage (import + report) / ccusage: {cpu_c / cpu_p:.2f}x")
         print("load average after: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
         return 0 if ok else 1
     finally:
