@@ -116,7 +116,8 @@ class FileParser:
 
     def parse(self, raw: bytes, line_no: int) -> list[tuple[Any, tuple, dict]]:
         """Events on one line (zero or one); raises ``BadLine`` for an unusable line."""
-        if _USAGE_MARKER not in raw:
+        # Searched from the end: usage follows the message content, most of a line.
+        if raw.rfind(_USAGE_MARKER) < 0:
             stripped = raw.strip()
             if stripped and not (stripped.startswith(b"{") and stripped.endswith(b"}")):
                 raise BadLine("not a JSON object (malformed or truncated line)")

@@ -45,6 +45,7 @@ BATCH_SIZE = 10_000
 # index, so fewer, larger commits write far less: 50,000 costs about a quarter less CPU than
 # 10,000 and much less disk. A crash still loses nothing: state is saved after its events.
 WRITE_BATCH_SIZE = 50_000
+READ_BUFFER = 1 << 20  # bytes per read of a transcript
 
 
 class BadLine(Exception):
@@ -699,7 +700,8 @@ class _Importer:
         offer = window.offer if window is not None else None
         out = self.out
         try:
-            with open(path, "rb") as handle:
+            # 1 MB reads (default 8 KB): a transcript tree is read in a tenth of the calls.
+            with open(path, "rb", buffering=READ_BUFFER) as handle:
                 handle.seek(resume.offset)
                 # read_complete_lines, inlined: this loop runs once per line of the tree.
                 for raw in handle:
