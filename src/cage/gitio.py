@@ -25,7 +25,7 @@ written to ``.git/config``. So every call runs with:
   with parallel checkout: writing the worktree of a large repository is most of the git
   work a replay needs. A checkout cage waits for gets a worker per core
   (``checkout.workers=0``); the base worktree, written while cage reads and judges the
-  change, one core fewer (the other is cage's);
+  change, one core fewer (that one is cage's), at least two;
 - ``--no-textconv --no-ext-diff`` on the diff (``--raw`` reads no content anyway), and the
   plumbing ``diff-tree`` rather than ``diff``, so ``diff.*`` user settings
   (``diff.relative``, ``diff.ignoreSubmodules``, ``diff.renames``) cannot change the listing;
@@ -615,10 +615,11 @@ class Repo:
         """
         _check_rev(commit)
         # Read right before the add, as always. cage works on while git writes (Python: one
-        # core), so git gets the others; measured on 2 cores, a serial checkout beside
-        # cage's ~250 ms of analysis finished sooner than two workers competing with it.
+        # core), so git gets the other cores, but never fewer than two workers: where file
+        # creation is slow (ext4 without a journal), a serial checkout took four times as
+        # long as two workers.
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
-        workers = max(1, (cores or os.cpu_count() or 1) - 1)
+        workers = max(2, (cores or os.cpu_count() or 1) - 1)
         config = self._checkout_config(self.root, workers)
         path = Path(tempfile.mkdtemp(prefix="cage-wt-", dir=tempfile.gettempdir()))
         pending = PendingWorktree(self, commit, path)
