@@ -21,7 +21,10 @@ from cage.proxy import start_proxy_in_thread
 
 
 def _verify(repo: Path, command: str) -> int:
-    return subprocess.run(command, shell=True, cwd=repo, capture_output=True).returncode
+    # No bytecode cache: the fix below keeps ops.py's size and may land in the same second
+    # as the run before it, and Python would then import the stale cached ops.
+    env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
+    return subprocess.run(command, shell=True, cwd=repo, capture_output=True, env=env).returncode
 
 
 @pytest.fixture
