@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import io
 import json
 import os
@@ -118,6 +119,12 @@ def run(args: argparse.Namespace) -> int:
         return grade.run(args)
     if (args.base is None) != (args.head is None):
         raise UsageError("give both --base and --head, or neither (then the GitHub event is read)")
+    # The run builds a syntax tree of every changed Python file, while git writes the base
+    # worktree beside it: collecting every 10,000 new objects instead of every 700 takes a
+    # few collections, not ~60 (about 20 ms of CPU for 1,000 files). Its garbage is freed
+    # by reference counting anyway; the process is short-lived.
+    gen0, gen1, gen2 = gc.get_threshold()
+    gc.set_threshold(max(gen0, 10_000), gen1, gen2)
     from cage import adjudicate as adj
     from cage import attest
 
