@@ -596,12 +596,14 @@ def test_several_readers_write_what_one_reader_writes(
             [claude_line(f"msg_{n}_1", f"req_{n}_1", output_tokens=999, sidechain=True)],
         )
     monkeypatch.setattr(common, "reader_count", lambda total, files: 1)
+    threshold = gc.get_threshold()
     one = _import_rows_and_state(capsys, ledger_db, tmp_path / "claude")
     _reset_ledger(ledger_db)
     monkeypatch.setattr(common, "reader_count", lambda total, files: readers)
     several = _import_rows_and_state(capsys, ledger_db, tmp_path / "claude")
     assert several == one
     assert gc.get_freeze_count() == 0  # what the import froze for its readers is let go
+    assert gc.get_threshold() == threshold  # and the collector's pace is the caller's again
     code, doc, rows, states = several
     assert (code, doc["files"], doc["bad_lines"]) == (1, 10, 5)
     assert [(e["file"].rsplit("/", 1)[1], e["line"]) for e in doc["errors"]] == [

@@ -1033,6 +1033,11 @@ def import_files_pipelined(
     # caller froze before stays frozen (gc cannot unfreeze part of it).
     caller_froze = gc.get_freeze_count() > 0
     gc.freeze()
+    # Every event is a few short-lived dicts and tuples, freed by reference counting; a
+    # collection every 700 new objects found almost nothing and cost 3 to 4% of each
+    # process's CPU. The readers inherit the setting.
+    threshold = gc.get_threshold()
+    gc.set_threshold(max(threshold[0], 100_000), *threshold[1:])
     try:
         for first in range(readers):
             receiver, sender = ctx.Pipe(duplex=False)
@@ -1057,6 +1062,7 @@ def import_files_pipelined(
         finished = True
         _merge(report, parts, files)
     finally:
+        gc.set_threshold(*threshold)
         if not caller_froze:
             gc.unfreeze()
         progress.finish()
