@@ -417,6 +417,29 @@ def test_eight_concurrent_writers_leave_exactly_80000_rows(tmp_path):
     assert all(r["calls"] == 10_000 for r in rows)
 
 
+def test_a_writer_kept_waiting_says_so_once_then_writes(tmp_path, monkeypatch, caplog):
+    # Another process holds the write lock (an import, a proxy): the writer waits, tells
+    # the user once instead of looking hung, and writes as soon as the lock is free.
+    import threading
+
+    import cage.ledger as ledger_mod
+
+    monkeypatch.setattr(ledger_mod, "BUSY_TIMEOUT_MS", 50)
+    path = tmp_path / "ledger.db"
+    Ledger.open(path).close()
+    holder = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    holder.execute("BEGIN IMMEDIATE")
+    release = threading.Timer(0.6, lambda: holder.execute("COMMIT"))
+    release.start()
+    with Ledger.open(path) as ledger:
+        assert ledger.add_many([ev(1), ev(2)]) == (2, 0)
+    release.join()
+    holder.close()
+    notices = [r.getMessage() for r in caplog.records if r.name == "cage.ledger"]
+    assert len(notices) == 1
+    assert f"the ledger {path} is locked by another process" in notices[0]
+
+
 CRASHER = textwrap.dedent(
     """
     import os, sys

@@ -63,9 +63,10 @@ REPORT_KEYS: dict[str, str] = {
 BATCH_SIZE = 1000
 
 # How long a writer keeps retrying when other processes hold the write lock. The SQLite
-# busy handler already waits BUSY_TIMEOUT_MS per attempt; the retry loop covers the cases
-# the busy handler does not (e.g. a lock upgrade refused to avoid deadlock).
-BUSY_TIMEOUT_MS = 30_000
+# busy handler waits BUSY_TIMEOUT_MS per attempt; the retry loop goes on until RETRY_FOR_S,
+# and says once that it is waiting (a lock held that long is another import, a proxy or a
+# mission writing: silence would look like a hang).
+BUSY_TIMEOUT_MS = 2_000
 PAGE_SIZE = 16384  # bytes, for a new ledger file
 _INF = float("inf")
 RETRY_FOR_S = 120.0
@@ -1146,12 +1147,23 @@ class SQLiteLedger(Ledger):
     def _retry(self, action):  # type: ignore[no-untyped-def]
         deadline = time.monotonic() + RETRY_FOR_S
         delay = 0.005
+        told = False
         while True:
             try:
                 return action()
             except sqlite3.OperationalError as exc:
                 if not _is_busy(exc) or time.monotonic() > deadline:
                     raise
+                if not told:
+                    told = True
+                    import logging  # only now: most runs never wait
+
+                    logging.getLogger("cage.ledger").warning(
+                        "cage: the ledger %s is locked by another process (an import, a "
+                        "proxy or a mission writing to it); waiting up to %.0f s",
+                        self.path,
+                        RETRY_FOR_S,
+                    )
                 # Jitter from the clock (no `random` import: it costs start-up time for every
                 # `cage report`); it only has to differ between competing processes.
                 time.sleep(delay * (1 + (time.perf_counter_ns() % 1000) / 1000))
