@@ -1046,6 +1046,35 @@ def _is_busy(exc: sqlite3.OperationalError) -> bool:
     return "locked" in text or "busy" in text
 
 
+def retry_while_busy(action, path: Path | str):  # type: ignore[no-untyped-def]
+    """``action()``, tried again while another connection holds the lock on ``path``, for up
+    to RETRY_FOR_S; says once (logger ``cage.ledger``) that it is waiting. The last busy
+    error propagates."""
+    deadline = time.monotonic() + RETRY_FOR_S
+    delay = 0.005
+    told = False
+    while True:
+        try:
+            return action()
+        except sqlite3.OperationalError as exc:
+            if not _is_busy(exc) or time.monotonic() > deadline:
+                raise
+            if not told:
+                told = True
+                import logging  # only now: most runs never wait
+
+                logging.getLogger("cage.ledger").warning(
+                    "cage: the ledger %s is locked by another process (an import, a proxy "
+                    "or a mission writing to it); waiting up to %.0f s",
+                    path,
+                    RETRY_FOR_S,
+                )
+            # Jitter from the clock (no `random` import: it costs start-up time for every
+            # `cage report`); it only has to differ between competing processes.
+            time.sleep(delay * (1 + (time.perf_counter_ns() % 1000) / 1000))
+            delay = min(delay * 2, 0.5)
+
+
 class SQLiteLedger(Ledger):
     """The SQLite backend (the default): one local file in WAL mode."""
 
@@ -1145,29 +1174,7 @@ class SQLiteLedger(Ledger):
     # -- writing ------------------------------------------------------------------------
 
     def _retry(self, action):  # type: ignore[no-untyped-def]
-        deadline = time.monotonic() + RETRY_FOR_S
-        delay = 0.005
-        told = False
-        while True:
-            try:
-                return action()
-            except sqlite3.OperationalError as exc:
-                if not _is_busy(exc) or time.monotonic() > deadline:
-                    raise
-                if not told:
-                    told = True
-                    import logging  # only now: most runs never wait
-
-                    logging.getLogger("cage.ledger").warning(
-                        "cage: the ledger %s is locked by another process (an import, a "
-                        "proxy or a mission writing to it); waiting up to %.0f s",
-                        self.path,
-                        RETRY_FOR_S,
-                    )
-                # Jitter from the clock (no `random` import: it costs start-up time for every
-                # `cage report`); it only has to differ between competing processes.
-                time.sleep(delay * (1 + (time.perf_counter_ns() % 1000) / 1000))
-                delay = min(delay * 2, 0.5)
+        return retry_while_busy(action, self.path)
 
     def _write(self, action):  # type: ignore[no-untyped-def]
         """Run ``action`` inside BEGIN IMMEDIATE ... COMMIT, retrying while busy."""

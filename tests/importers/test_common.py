@@ -76,6 +76,37 @@ def test_state_store_leaves_checkpoints_to_the_ledger(tmp_path):
     writer.close()
 
 
+def test_state_store_waits_for_the_lock_then_fails_clearly(tmp_path, monkeypatch, caplog):
+    # Another process holding the write lock: the import's state is saved once it is free,
+    # and a lock that is never freed is a clear error (events already written are kept),
+    # not a traceback.
+    import sqlite3
+    import threading
+
+    import cage.ledger as ledger_mod
+    from cage.errors import LedgerError
+
+    monkeypatch.setattr(ledger_mod, "BUSY_TIMEOUT_MS", 50)
+    store = StateStore(tmp_path / "ledger.db")
+    holder = sqlite3.connect(tmp_path / "ledger.db", isolation_level=None, check_same_thread=False)
+    holder.execute("BEGIN IMMEDIATE")
+    release = threading.Timer(0.4, lambda: holder.execute("COMMIT"))
+    release.start()
+    store.put_many("codex", [FileState("/f", 1, 10, 2.5, 10, 2, {})])
+    release.join()
+    assert store.get("codex", "/f").offset == 10
+    assert any("is locked by another process" in r.getMessage() for r in caplog.records)
+
+    monkeypatch.setattr(ledger_mod, "RETRY_FOR_S", 0.3)
+    holder.execute("BEGIN IMMEDIATE")
+    with pytest.raises(LedgerError, match="cannot save how far the transcripts were read"):
+        store.put_many("codex", [FileState("/f", 1, 20, 2.5, 20, 3, {})])
+    holder.execute("COMMIT")
+    assert store.get("codex", "/f").offset == 10
+    store.close()
+    holder.close()
+
+
 def test_dedup_window_keeps_best_and_bounds_memory():
     window = DedupWindow(size=2)
     assert window.offer("a", (True, 5), "a5", 0, 1) == []

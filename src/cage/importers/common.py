@@ -441,8 +441,13 @@ class StateStore:
         if db_path is None:
             self._memory = {}
             return
-        self._conn = sqlite3.connect(str(db_path), timeout=30.0, isolation_level=None)
-        self._conn.execute("PRAGMA busy_timeout = 30000")
+        from cage.ledger import BUSY_TIMEOUT_MS
+
+        self.path = str(db_path)
+        self._conn = sqlite3.connect(
+            self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None
+        )
+        self._conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
         # The ledger runs in WAL mode; like its writer, skip the fsync per commit (a crash of
         # the process loses nothing committed; at worst a power loss re-reads some lines).
         self._conn.execute("PRAGMA synchronous = NORMAL")
@@ -491,19 +496,37 @@ class StateStore:
             for state in states
         ]
         conn = self._conn
-        conn.execute("BEGIN IMMEDIATE")
+
+        def attempt() -> None:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                conn.executemany(
+                    "INSERT OR REPLACE INTO import_state "
+                    "(source, path, inode, size, mtime, offset, line, context, updated_at) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    rows,
+                )
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+
+        import sqlite3
+
+        from cage.errors import LedgerError
+        from cage.ledger import retry_while_busy
+
         try:
-            conn.executemany(
-                "INSERT OR REPLACE INTO import_state "
-                "(source, path, inode, size, mtime, offset, line, context, updated_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                rows,
-            )
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
+            retry_while_busy(attempt, self.path)
+        except sqlite3.Error as exc:
+            # The events before this point are in the ledger; only how far the files were
+            # read is not saved, and the next import reads those lines again (their ids
+            # keep them from being counted twice).
+            raise LedgerError(
+                f"cannot save how far the transcripts were read in {self.path} ({exc}); "
+                "what was imported is kept: run the import again to finish"
+            ) from None
 
     def close(self) -> None:
         """Close the connection."""
