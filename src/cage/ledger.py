@@ -466,6 +466,42 @@ _TAKE_FIELDS = itemgetter(
 _GROUP_INDEX = {"provider": 1, "model": 2, "caller": 3, "mission_id": 4}
 
 
+def _add_call(
+    sums: dict[tuple, list],
+    key: tuple,
+    inp: int,
+    out: int,
+    cache_read: int,
+    cache_write: int,
+    cost: float | None,
+) -> None:
+    """Count one call in its group's running totals: [calls, input, output, cache read,
+    cache write, dollars of the priced calls, unpriced calls]."""
+    group = sums.get(key)
+    if group is None:
+        sums[key] = [1, inp, out, cache_read, cache_write, cost or 0.0, int(cost is None)]
+        return
+    group[0] += 1
+    group[1] += inp
+    group[2] += out
+    group[3] += cache_read
+    group[4] += cache_write
+    if cost is None:
+        group[6] += 1
+    else:
+        group[5] += cost
+
+
+def _add_totals(sums: dict[tuple, list], key: tuple, totals: Sequence[float]) -> None:
+    """Add a group's running totals (as ``_add_call`` keeps them) to ``sums[key]``."""
+    group = sums.get(key)
+    if group is None:
+        sums[key] = list(totals)
+    else:
+        for i, value in enumerate(totals):
+            group[i] += value
+
+
 class RowBatch:
     """Ledger rows ready to insert, with their rollup sums already added up in Python.
 
@@ -507,12 +543,7 @@ class RowBatch:
             whole.rows.extend(part.rows)
             whole.short.extend(part.short)
             for key, values in part.sums.items():
-                have = sums.get(key)
-                if have is None:
-                    sums[key] = list(values)
-                else:
-                    for i, value in enumerate(values):
-                        have[i] += value
+                _add_totals(sums, key, values)
         return whole
 
     def add_event(self, event: Event) -> None:
@@ -527,19 +558,7 @@ class RowBatch:
         non-empty provider and model, token counts as ints >= 0, a cost as float or None.
         """
         get = fields.get
-        extra = get("extra")
-        if extra:
-            items = tuple(extra.items())
-            try:
-                extra_json = self._extras[items]
-            except KeyError:
-                extra_json = _encode_extra(extra)
-                if len(self._extras) < 1024:
-                    self._extras[items] = extra_json
-            except TypeError:  # an unhashable value (a list): encode it each time
-                extra_json = _encode_extra(extra)
-        else:
-            extra_json = "{}"
+        extra_json = self._extra_json(get("extra"))
         self._add(
             fields["timestamp"][:19] + "Z",
             fields["provider"],
@@ -560,6 +579,22 @@ class RowBatch:
             extra_json,
         )
 
+    def _extra_json(self, extra: dict | None) -> str:
+        """``extra`` as stored: JSON text, remembered for the batch's repeated extras (an
+        import's events of one session share theirs)."""
+        if not extra:
+            return "{}"
+        try:
+            items = tuple(extra.items())
+            extra_json = self._extras.get(items)
+        except TypeError:  # an unhashable value (a list): encode it each time
+            return _encode_extra(extra)
+        if extra_json is None:
+            extra_json = _encode_extra(extra)
+            if len(self._extras) < 1024:
+                self._extras[items] = extra_json
+        return extra_json
+
     def add_many_fields(self, batch: Iterable[dict], price: Any = None) -> None:
         """``add_fields`` for each of ``batch``, pricing the events without a cost first.
 
@@ -571,7 +606,7 @@ class RowBatch:
         """
         short = self.short
         sums = self.sums
-        extras = self._extras
+        extra_of = self._extra_json
         long_keys = _LONG_FIELDS
         key_of = request_key
         take = _TAKE_FIELDS
@@ -610,18 +645,7 @@ class RowBatch:
                 )
                 if truth != "estimated":
                     truth = "modeled"
-            if extra:
-                try:
-                    items = tuple(extra.items())
-                    extra_json = extras.get(items)
-                    if extra_json is None:
-                        extra_json = _encode_extra(extra)
-                        if len(extras) < 1024:
-                            extras[items] = extra_json
-                except TypeError:  # an unhashable value (a list): encode it each time
-                    extra_json = _encode_extra(extra)
-            else:
-                extra_json = "{}"
+            extra_json = extra_of(extra)
             request_id = request_id or None
             short.append(
                 (
@@ -640,20 +664,15 @@ class RowBatch:
                     None if request_id is None else key_of(request_id),
                 )
             )
-            key = (stamp[:10], provider, model, "", "", truth)
-            group = sums.get(key)
-            if group is None:
-                sums[key] = [1, inp, out, cache_read, cache_write, cost or 0.0, int(cost is None)]
-            else:
-                group[0] += 1
-                group[1] += inp
-                group[2] += out
-                group[3] += cache_read
-                group[4] += cache_write
-                if cost is None:
-                    group[6] += 1
-                else:
-                    group[5] += cost
+            _add_call(
+                sums,
+                (stamp[:10], provider, model, "", "", truth),
+                inp,
+                out,
+                cache_read,
+                cache_write,
+                cost,
+            )
 
     def _add_priced(self, fields: dict, price: Any) -> None:
         """One event of ``add_many_fields`` the general way: priced, then ``add_fields``."""
@@ -743,19 +762,7 @@ class RowBatch:
                 )
             )
         key = (timestamp[:10], provider, model, caller or "", mission_id or "", truth)
-        sums = self.sums.get(key)
-        if sums is None:
-            self.sums[key] = [1, inp, out, cache_read, cache_write, cost or 0.0, int(cost is None)]
-        else:
-            sums[0] += 1
-            sums[1] += inp
-            sums[2] += out
-            sums[3] += cache_read
-            sums[4] += cache_write
-            if cost is None:
-                sums[6] += 1
-            else:
-                sums[5] += cost
+        _add_call(self.sums, key, inp, out, cache_read, cache_write, cost)
 
 
 # ---------------------------------------------------------------------------------------
@@ -1248,13 +1255,7 @@ class SQLiteLedger(Ledger):
                 merged: dict[tuple, list] = {}
                 picks = [_GROUP_INDEX[d] for d in dims]
                 for key, sums in batch.sums.items():
-                    short = (key[0], *[key[i] for i in picks], key[5])
-                    have = merged.get(short)
-                    if have is None:
-                        merged[short] = list(sums)
-                    else:
-                        for i, value in enumerate(sums):
-                            have[i] += value
+                    _add_totals(merged, (key[0], *[key[i] for i in picks], key[5]), sums)
                 db.executemany(
                     _rollup_add_sql(table, dims),
                     [(*k, *v) for k, v in merged.items()],
