@@ -54,6 +54,7 @@ from pathlib import Path
 from typing import Any
 
 from cage.errors import GitError
+from cage.runtime import usable_cpus
 
 ENCODING = "utf-8"
 ERRORS = "surrogateescape"
@@ -618,9 +619,7 @@ class Repo:
         # core), so git gets the other cores, but never fewer than two workers: where file
         # creation is slow (ext4 without a journal), a serial checkout took four times as
         # long as two workers.
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
-        workers = max(2, (cores or os.cpu_count() or 1) - 1)
-        config = self._checkout_config(self.root, workers)
+        config = self._checkout_config(self.root, max(2, usable_cpus() - 1))
         path = Path(tempfile.mkdtemp(prefix="cage-wt-", dir=tempfile.gettempdir()))
         pending = PendingWorktree(self, commit, path)
         try:

@@ -45,6 +45,7 @@ from yarl import URL
 from cage.errors import CageError, ProxyError
 from cage.ledger import Event, canonical_request_id
 from cage.pricing import Usage, normalise_anthropic, normalise_openai, price_of_day
+from cage.runtime import collect_less_often
 
 log = logging.getLogger("cage.proxy")
 
@@ -1457,8 +1458,7 @@ def _keep_gc_off_the_loop(*, own_process: bool) -> None:
     """
     gc.freeze()
     if own_process:
-        gen0, gen1, gen2 = gc.get_threshold()
-        gc.set_threshold(max(gen0, GC_GEN0_THRESHOLD), gen1, gen2)
+        collect_less_often(GC_GEN0_THRESHOLD)
 
 
 def _site_url(site: web.TCPSite, host: str) -> str:

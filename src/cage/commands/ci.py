@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
 import io
 import json
 import os
@@ -17,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from cage.errors import UsageError
+from cage.runtime import collect_less_often
 
 # What to do next, by the code of the reason that decided the verdict.
 NEXT_STEPS: dict[str, str] = {
@@ -123,8 +123,7 @@ def run(args: argparse.Namespace) -> int:
     # worktree beside it: collecting every 10,000 new objects instead of every 700 makes
     # 12 collections of 59 for 1,000 files (about 10 ms of CPU less). Its garbage is freed
     # by reference counting anyway; the process is short-lived.
-    gen0, gen1, gen2 = gc.get_threshold()
-    gc.set_threshold(max(gen0, 10_000), gen1, gen2)
+    collect_less_often(10_000)
     from cage import adjudicate as adj
     from cage import attest
 

@@ -828,10 +828,9 @@ def reader_count(total_bytes: int, files: int) -> int:
     two CPUs two readers and the writer share them best), at most ``MAX_READERS``, at most
     one per file and per ``PIPELINE_MIN_BYTES`` of input.
     """
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):  # pragma: no cover - platforms without affinity
-        cpus = os.cpu_count() or 1
+    from cage.runtime import usable_cpus
+
+    cpus = usable_cpus()
     return max(1, min(MAX_READERS, cpus, files, total_bytes // max(PIPELINE_MIN_BYTES, 1)))
 
 
@@ -1029,6 +1028,7 @@ def import_files_pipelined(
     import multiprocessing
 
     from cage.errors import TranscriptError
+    from cage.runtime import collect_less_often
 
     combine = combine or _concatenate
     readers = max(1, min(readers, len(files)))
@@ -1059,8 +1059,7 @@ def import_files_pipelined(
     # Every event is a few short-lived dicts and tuples, freed by reference counting; a
     # collection every 700 new objects found almost nothing and cost 3 to 4% of each
     # process's CPU. The readers inherit the setting.
-    threshold = gc.get_threshold()
-    gc.set_threshold(max(threshold[0], 100_000), *threshold[1:])
+    threshold = collect_less_often(100_000)
     try:
         for first in range(readers):
             receiver, sender = ctx.Pipe(duplex=False)
