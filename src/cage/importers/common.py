@@ -4,7 +4,8 @@ An importer turns a source file into ledger events, one line at a time. This mod
 parts that do not depend on the format:
 
 - ``read_complete_lines``: stream a file from a byte offset, yielding only complete lines, so
-  a line the writer has not finished yet is left for the next import;
+  a line the writer has not finished yet is left for the next import (an import's own loop
+  does the same inline);
 - ``StateStore``: per-file state (inode, size, mtime, bytes and lines consumed, parser context)
   in an ``import_state`` table of the ledger's SQLite file, so a second import reads only the
   new bytes;
@@ -200,7 +201,7 @@ def parse_lines(parser: Any, path: str | os.PathLike) -> Iterator[dict]:
     """Every event field set ``parser`` (a ``FileParser``) finds in ``path``, bad lines
     skipped: the pure reading behind each importer's ``parse_file`` (no ledger, no state)."""
     with open(path, "rb") as handle:
-        for number, raw in enumerate(handle, 1):
+        for number, _start, _end, raw in read_complete_lines(handle, 0, 0):
             try:
                 for _key, _rank, fields in parser.parse(raw, number):
                     yield fields
@@ -779,15 +780,28 @@ class _Importer:
 
     def flush(self, current: FileState | None = None) -> None:
         """Write the batch, then (only then) save how far each file covered by it was read."""
-        if self.out:
-            inserted, duplicates = self.sink(self.out)
-            self.report.imported += inserted
-            self.report.duplicates += duplicates
-            self.out = []
         states = self.done_states + ([current] if current is not None else [])
-        if states:
-            self.state.put_many(self.source, states)
+        _write_then_save(self.sink, self.out, self.report, self.state, self.source, states)
+        self.out = []
         self.done_states = []
+
+
+def _write_then_save(
+    sink: Any,
+    batch: Any,
+    report: ImportReport,
+    state: StateStore,
+    source: str,
+    states: list[FileState],
+) -> None:
+    """Write ``batch`` (when there is one) through ``sink`` and count it in ``report``; then,
+    only then, save ``states``: saved state never claims more than the ledger holds."""
+    if batch:
+        inserted, duplicates = sink(batch)
+        report.imported += inserted
+        report.duplicates += duplicates
+    if states:
+        state.put_many(source, states)
 
 
 def _checkpoint(resume: FileState, position: tuple[int, int], parser: Any) -> FileState:
@@ -1022,8 +1036,8 @@ def import_files_pipelined(
     Events of consecutive files are written together, ``WRITE_BATCH_SIZE`` at a time.
     ``prepare(batch)``, when given, runs in the readers on each batch of event fields;
     ``combine(list_of_prepared)`` joins several into one for ``sink`` (lists are
-    concatenated when it is not given). Each pipe holds at most one message in flight, so
-    memory stays bounded.
+    concatenated when it is not given). Each reader queues at most ``OUTBOX_BYTES`` of
+    messages, so memory stays bounded.
     """
     import multiprocessing
 
@@ -1160,16 +1174,12 @@ class _PipelineWriter:
 
     def commit(self) -> None:
         """Write the gathered events, then (only then) save the states they cover."""
-        if self.events:
-            batch = self.events[0] if len(self.events) == 1 else self.combine(self.events)
-            inserted, duplicates = self.sink(batch)
-            self.report.imported += inserted
-            self.report.duplicates += duplicates
-            self.events = []
-            self.rows = 0
-        if self.states:
-            self.state.put_many(self.source, self.states)
-            self.states = []
+        events = self.events
+        batch = (events[0] if len(events) == 1 else self.combine(events)) if events else None
+        _write_then_save(self.sink, batch, self.report, self.state, self.source, self.states)
+        self.events = []
+        self.rows = 0
+        self.states = []
 
 
 def _merge(into: ImportReport, parts: list[ImportReport], files: list[Path]) -> None:
