@@ -993,7 +993,7 @@ class MeteringProxy:
     # -- routing --------------------------------------------------------------------------
 
     def _upstream_url(self, provider: str, raw_path: str) -> URL:
-        """The upstream URL of a metered request path (a handful of them: cached)."""
+        """The upstream URL of a request path (a handful of them in practice: cached)."""
         key = (provider, raw_path)
         url = self._urls.get(key)
         if url is None:
@@ -1359,7 +1359,7 @@ class MeteringProxy:
     async def _passthrough(self, request: web.BaseRequest) -> web.StreamResponse:
         assert self._raw_session is not None
         provider = self._provider_of(request)
-        url = URL(self.upstreams[provider] + request.raw_path, encoded=True)
+        url = self._upstream_url(provider, request.raw_path)
         body = await request.read() if request.body_exists else None
         try:
             upstream = await self._raw_session.request(
