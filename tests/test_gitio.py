@@ -472,6 +472,43 @@ def test_started_worktree_cancelled_while_git_writes_leaves_nothing(git_repo, de
         pending.wait()
 
 
+@pytest.mark.parametrize("when", ["directory made", "git started"])
+def test_ctrl_c_while_a_worktree_is_started_leaves_nothing(git_repo, tmp_path, monkeypatch, when):
+    # A signal landing between making the directory and handing the started git to the
+    # caller's cleanup used to leave the directory (or git writing a registered worktree)
+    # to no one: it is held until the cleanup owns them, then raised.
+    import signal
+    import tempfile
+
+    from cage import gitio
+
+    base, _ = two_commits(git_repo)
+    private = tmp_path / "tmp"
+    private.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(private))
+    real_mkdtemp, real_popen = tempfile.mkdtemp, subprocess.Popen
+
+    def mkdtemp(*args, **kwargs):
+        made = real_mkdtemp(*args, **kwargs)
+        if when == "directory made":
+            os.kill(os.getpid(), signal.SIGINT)
+        return made
+
+    def popen(args, **kwargs):
+        started = real_popen(args, **kwargs)
+        if when == "git started" and "add" in args:  # the worktree add, not the later calls
+            os.kill(os.getpid(), signal.SIGINT)
+        return started
+
+    monkeypatch.setattr(gitio.tempfile, "mkdtemp", mkdtemp)
+    monkeypatch.setattr(gitio.subprocess, "Popen", popen)
+    with pytest.raises(KeyboardInterrupt), Repo(git_repo.path).worktree(base):
+        pytest.fail("the interrupt must come before the worktree is used")
+    assert list(private.iterdir()) == []
+    assert worktrees(git_repo) == [str(git_repo.path)]
+    assert not list((git_repo.path / ".git" / "worktrees").glob("*"))
+
+
 def test_started_worktree_is_the_commit_and_is_removed(git_repo):
     base, _ = two_commits(git_repo)
     repo = Repo(git_repo.path)

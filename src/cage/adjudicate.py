@@ -1207,7 +1207,7 @@ def _adjudicate(
         # checkout); when the verdict turns out certain without a replay (a missing policy
         # too), git is stopped and the worktree removed.
         try:
-            pending = cleanup.enter_context(repo.start_worktree(base))
+            pending = repo.start_worktree_in(cleanup, base)
         except GitError:
             pending = None  # the replay, if it runs, tries again and reports the error
     from cage import attest, pathrules
@@ -1387,9 +1387,11 @@ def _replay(
     head_side = None
     try:
         clock = time.monotonic()
-        if pending is None:
-            pending = repo.start_worktree(base)
-        with pending:
+        with contextlib.ExitStack() as stack:
+            if pending is None:
+                pending = repo.start_worktree_in(stack, base)
+            else:
+                stack.enter_context(pending)
             worktree = pending.wait()
             timings["worktree_s"] = time.monotonic() - clock
             _say(

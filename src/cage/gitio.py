@@ -601,8 +601,21 @@ class Repo:
 
         Removed and unregistered on exit whatever happens (error, KeyboardInterrupt).
         """
-        with self.start_worktree(commit) as pending:
-            yield pending.wait()
+        with contextlib.ExitStack() as stack:
+            yield self.start_worktree_in(stack, commit).wait()
+
+    def start_worktree_in(self, stack: contextlib.ExitStack, commit: str) -> PendingWorktree:
+        """``start_worktree``, its removal registered in ``stack`` before any signal can act.
+
+        Ctrl-C, SIGTERM (a cancelled job) or SIGHUP arriving while the directory is made and
+        git started is held (``proctree.Interrupts``) and raised once ``stack`` owns the
+        worktree: raised earlier, it left the directory, or git writing a registered
+        worktree, to no one.
+        """
+        from cage.proctree import Interrupts
+
+        with Interrupts():
+            return stack.enter_context(self.start_worktree(commit))
 
     def start_worktree(self, commit: str) -> PendingWorktree:
         """Start ``git worktree add --detach`` of ``commit`` (system temporary directory) in
